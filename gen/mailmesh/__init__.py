@@ -1,0 +1,1 @@
+"""Generated protobuf contracts of mailmesh; see protos/. Do not edit."""

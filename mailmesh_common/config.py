@@ -1,0 +1,216 @@
+"""Typed settings from MAILMESH_* environment variables and an optional TOML file.
+
+Precedence: defaults < TOML file (MAILMESH_CONFIG or an explicit path) < environment. Every
+bad key or value raises ConfigError naming the key, never a traceback deep inside a service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailmesh_common.errors import ConfigError
+
+ENV_PREFIX = "MAILMESH_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of mailmesh. Env var: MAILMESH_<FIELD IN UPPER CASE>; TOML key: the field."""
+
+    data_dir: Path = Path("./data")
+    host: str = "127.0.0.1"
+    # gRPC ports (each service serves health and reflection on its own)
+    mailbox_port: int = 50051
+    search_port: int = 50052
+    send_port: int = 50053
+    ingest_port: int = 50054
+    gateway_port: int = 50055
+    # protocol ports
+    smtp_port: int = 2525
+    submission_port: int = 5870
+    http_port: int = 8080
+    imap_port: int = 1143
+    # NATS
+    nats_port: int = 4222
+    nats_url: str = ""  # default nats://{host}:{nats_port}
+    # where services find each other (default {host}:{port})
+    mailbox_addr: str = ""
+    search_addr: str = ""
+    send_addr: str = ""
+    # state
+    kv_path: str = ""  # default {data_dir}/mailbox.db
+    fdb_cluster_file: str = ""
+    meili_url: str = ""
+    meili_api_key: str = ""
+    # security
+    internal_token: str = ""  # default: read from / written to {data_dir}/internal.token
+    # limits
+    max_message_bytes: int = 25 * 1024 * 1024
+    default_quota_bytes: int = 10 * 1024 * 1024 * 1024
+    grpc_default_deadline_s: float = 30.0
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    changelog_retention: int = 100_000
+    # logs
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # DNS
+    dns_servers: tuple[str, ...] = ()
+    # telemetry: also write finished spans as JSON lines here (debugging, tests)
+    trace_file: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    # --- derived -------------------------------------------------------------------------
+    def resolved_nats_url(self) -> str:
+        return self.nats_url or f"nats://{self.host}:{self.nats_port}"
+
+    def addr(self, service: str) -> str:
+        explicit = getattr(self, f"{service}_addr", "")
+        if explicit:
+            return str(explicit)
+        return f"{self.host}:{getattr(self, f'{service}_port')}"
+
+    def resolved_kv_path(self) -> str:
+        return self.kv_path or str(self.data_dir / "mailbox.db")
+
+    def token(self) -> str:
+        """The mesh's internal token: explicit, or shared through the data dir."""
+        if self.internal_token:
+            return self.internal_token
+        path = self.data_dir / "internal.token"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tok = secrets.token_urlsafe(32)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tok)
+            try:
+                os.link(tmp, path)  # first writer wins; others read its token
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+            return path.read_text().strip()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "extra"}
+
+
+def _coerce(key: str, raw: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    try:
+        if typ is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = int(raw)
+            if key.lower().endswith("_port") and not 0 <= value <= 65535:
+                raise ValueError
+            if value < 0:
+                raise ValueError
+            return value
+        if typ is float:
+            value = float(raw)
+            if value < 0:
+                raise ValueError
+            return value
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            low = str(raw).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is Path:
+            if not isinstance(raw, (str, os.PathLike)):
+                raise ValueError
+            return Path(raw)
+        if typ is str:
+            if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+                raise ValueError
+            return str(raw)
+        if origin is tuple:
+            if isinstance(raw, str):
+                return tuple(p.strip() for p in raw.split(",") if p.strip())
+            if isinstance(raw, list) and all(isinstance(p, str) for p in raw):
+                return tuple(raw)
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported type")  # pragma: no cover
+    kind = {int: "a non-negative integer" + (" in 0..65535" if key.lower().endswith("_port") else ""),
+            float: "a non-negative number", bool: "true or false", Path: "a path", str: "a string"}
+    expected = kind.get(typ, "a comma-separated list" if origin is tuple else str(typ))
+    raise ConfigError(f"{key}: expected {expected}, got {raw!r}")
+
+
+_HINTS = typing.get_type_hints(Settings)
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Builds Settings; raises ConfigError naming the offending key."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"MAILMESH_CONFIG: file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        table = data.get("mailmesh", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: [mailmesh] must be a table")
+        for key, raw in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{p}: unknown key {key!r}")
+            values[key] = _coerce(f"{p}: {key}", raw, _HINTS[key])
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in _FIELDS:
+            continue  # other tools' MAILMESH_* variables (e.g. test knobs) are not ours to reject
+        values[key] = _coerce(name, raw, _HINTS[key])
+    for key, raw in overrides.items():
+        if raw is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, raw, _HINTS[key])
+    level = str(values.get("log_level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    values["log_level"] = level
+    if values.get("log_format", "json") not in ("json", "text"):
+        raise ConfigError(f"log_format: expected json or text, got {values['log_format']!r}")
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that reproduces `settings` in a child process."""
+    out: dict[str, str] = {}
+    for name in _FIELDS:
+        value = getattr(settings, name)
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        out[ENV_PREFIX + name.upper()] = str(value)
+    return out
+
+
+__all__ = ["Settings", "load_settings", "settings_env", "ConfigError"]

@@ -1,0 +1,1 @@
+"""Developer tools: code generation from the protobuf contracts."""

@@ -1,0 +1,1 @@
+"""svc_gateway: see ../shared/DESIGN.md "The services"."""

@@ -1,0 +1,1 @@
+"""svc_ingest: see ../shared/DESIGN.md "The services"."""

@@ -1,0 +1,1 @@
+"""svc_mailbox: accounts, labels, messages, threads, flags, IMAP UIDs/MODSEQ, changelog."""

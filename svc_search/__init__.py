@@ -1,0 +1,1 @@
+"""svc_search: see ../shared/DESIGN.md "The services"."""

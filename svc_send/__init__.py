@@ -1,0 +1,1 @@
+"""svc_send: see ../shared/DESIGN.md "The services"."""
