@@ -107,7 +107,8 @@ async def publish(js: JetStreamContext, subject: str, msg: Message, *, msg_id: s
                   timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> js_api.PubAck:
     """Publishes a protobuf payload with trace context and dedup id; returns only once acked."""
     hdrs: dict[str, str] = dict(headers or {})
-    telemetry.inject_headers(hdrs)
+    if "traceparent" not in hdrs:  # a caller relaying a stored context keeps it
+        telemetry.inject_headers(hdrs)
     hdrs["Nats-Msg-Id"] = msg_id
     try:
         return await js.publish(subject, msg.SerializeToString(), timeout=timeout_s, headers=hdrs)

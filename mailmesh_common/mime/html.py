@@ -22,8 +22,11 @@ _BLOCK = frozenset({
     "h6", "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "table", "tbody",
     "tfoot", "thead", "tr", "ul",
 })
-_VOID = frozenset({"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "wbr"})
+# Blocks that stand apart as paragraphs (a blank line around them).
+_PARAGRAPH = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "table",
+                        "ul", "ol", "dl", "hr", "figure"})
 _SPACES = re.compile(r"[^\S\n]+")
+_ANY_SPACE = re.compile(r"\s+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
@@ -34,6 +37,8 @@ class _TextExtractor(HTMLParser):
         self.size = 0
         self.limit = limit
         self.drop_depth = 0
+        self.pending_breaks = 0  # line breaks owed before the next text
+        self.pre_depth = 0  # inside <pre> source line breaks are kept
 
     def _emit(self, text: str) -> None:
         if self.size >= self.limit:
@@ -41,30 +46,47 @@ class _TextExtractor(HTMLParser):
         self.parts.append(text)
         self.size += len(text)
 
+    def _block(self, tag: str) -> None:
+        self.pending_breaks = max(self.pending_breaks, 2 if tag in _PARAGRAPH else 1)
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "body":
             self.drop_depth = 0  # a head that was never closed ends here
         elif tag in _DROP:
             self.drop_depth += 1
+        elif tag == "br":
+            self.pending_breaks = min(self.pending_breaks + 1, 2)
         elif tag in _BLOCK:
-            self._emit("\n")
+            self._block(tag)
+            if tag == "pre":
+                self.pre_depth += 1
         elif tag in ("td", "th"):
             self._emit(" ")
 
     def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _BLOCK:
-            self._emit("\n")
+            self.handle_starttag(tag, attrs)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in _DROP:
             if self.drop_depth:
                 self.drop_depth -= 1
-        elif tag in _BLOCK and tag not in _VOID:
-            self._emit("\n")
+        elif tag in _BLOCK and tag != "br":
+            self._block(tag)
+            if tag == "pre" and self.pre_depth:
+                self.pre_depth -= 1
 
     def handle_data(self, data: str) -> None:
-        if not self.drop_depth:
-            self._emit(data)
+        if self.drop_depth or not data:
+            return
+        if not self.pre_depth:
+            data = _ANY_SPACE.sub(" ", data)  # source line breaks are just spaces in HTML
+        if self.pending_breaks and not data.strip():
+            return  # whitespace between blocks
+        if self.pending_breaks and self.parts:
+            self._emit("\n" * self.pending_breaks)
+        self.pending_breaks = 0
+        self._emit(data)
 
 
 def _collapse(text: str) -> str:

@@ -132,6 +132,8 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     """A label was deleted."""
     CHANGE_TYPE_DELIVERY_UPDATED: _ChangeType.ValueType  # 8
     """A message's delivery status changed (sent mail)."""
+    CHANGE_TYPE_THREAD_CHANGED: _ChangeType.ValueType  # 9
+    """A message moved to another thread (threads merged when a missing parent arrived)."""
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """ChangeType says what a mailbox change did."""
@@ -154,6 +156,8 @@ CHANGE_TYPE_LABEL_DELETED: ChangeType.ValueType  # 7
 """A label was deleted."""
 CHANGE_TYPE_DELIVERY_UPDATED: ChangeType.ValueType  # 8
 """A message's delivery status changed (sent mail)."""
+CHANGE_TYPE_THREAD_CHANGED: ChangeType.ValueType  # 9
+"""A message moved to another thread (threads merged when a missing parent arrived)."""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
@@ -374,6 +378,7 @@ class Message(_message.Message):
     UIDS_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     SPAM_SCORE_FIELD_NUMBER: _builtins.int
+    TRASHED_FROM_LABEL_IDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Opaque message id, unique within the user."""
     thread_id: _builtins.str
@@ -460,6 +465,10 @@ class Message(_message.Message):
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]:
         """Delivery state of each recipient, for messages the user sent."""
 
+    @_builtins.property
+    def trashed_from_label_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Labels the message had when it was trashed; UntrashMessage restores them."""
+
     def __init__(
         self,
         *,
@@ -492,10 +501,11 @@ class Message(_message.Message):
         uids: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
         spam_score: _builtins.float = ...,
+        trashed_from_label_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "internal_date", b"internal_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_ref", b"blob_ref", "cc", b"cc", "date", b"date", "from", b"from", "has_attachments", b"has_attachments", "history_id", b"history_id", "html_body", b"html_body", "id", b"id", "in_reply_to", b"in_reply_to", "internal_date", b"internal_date", "keywords", b"keywords", "label_ids", b"label_ids", "message_id_header", b"message_id_header", "parse_warnings", b"parse_warnings", "raw", b"raw", "recipients", b"recipients", "references", b"references", "reply_to", b"reply_to", "size_estimate", b"size_estimate", "snippet", b"snippet", "spam_score", b"spam_score", "starred", b"starred", "subject", b"subject", "text_body", b"text_body", "thread_id", b"thread_id", "to", b"to", "uids", b"uids", "unread", b"unread"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "blob_ref", b"blob_ref", "cc", b"cc", "date", b"date", "from", b"from", "has_attachments", b"has_attachments", "history_id", b"history_id", "html_body", b"html_body", "id", b"id", "in_reply_to", b"in_reply_to", "internal_date", b"internal_date", "keywords", b"keywords", "label_ids", b"label_ids", "message_id_header", b"message_id_header", "parse_warnings", b"parse_warnings", "raw", b"raw", "recipients", b"recipients", "references", b"references", "reply_to", b"reply_to", "size_estimate", b"size_estimate", "snippet", b"snippet", "spam_score", b"spam_score", "starred", b"starred", "subject", b"subject", "text_body", b"text_body", "thread_id", b"thread_id", "to", b"to", "trashed_from_label_ids", b"trashed_from_label_ids", "uids", b"uids", "unread", b"unread"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -691,6 +701,7 @@ class Change(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     KEYWORDS_FIELD_NUMBER: _builtins.int
     UIDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     modseq: _builtins.int
     """MODSEQ of the change; strictly increasing per user; also the history id."""
     type: Global___ChangeType.ValueType
@@ -707,6 +718,8 @@ class Change(_message.Message):
     """Starred state after the change."""
     label_id: _builtins.str
     """Label concerned, for label changes."""
+    traceparent: _builtins.str
+    """W3C traceparent of the operation that made the change, so consumers join its trace."""
     @_builtins.property
     def label_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Labels of the message after the change."""
@@ -748,10 +761,11 @@ class Change(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         keywords: _abc.Iterable[_builtins.str] | None = ...,
         uids: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_label_ids", b"added_label_ids", "keywords", b"keywords", "label_id", b"label_id", "label_ids", b"label_ids", "message_id", b"message_id", "modseq", b"modseq", "removed_label_ids", b"removed_label_ids", "starred", b"starred", "thread_id", b"thread_id", "time", b"time", "type", b"type", "uids", b"uids", "unread", b"unread", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_label_ids", b"added_label_ids", "keywords", b"keywords", "label_id", b"label_id", "label_ids", b"label_ids", "message_id", b"message_id", "modseq", b"modseq", "removed_label_ids", b"removed_label_ids", "starred", b"starred", "thread_id", b"thread_id", "time", b"time", "traceparent", b"traceparent", "type", b"type", "uids", b"uids", "unread", b"unread", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,278 @@
+"""Content-addressed raw messages: files named by their sha256 under a root directory.
+
+Layout: `root/ab/cd/abcd...` (the 64 hex digit sha256), temp files under `root/tmp/`. A blob is
+durable when `put` returns: the temp file is fsync'd, renamed into place, and the directory
+fsync'd (DESIGN "Durability": nothing acknowledged is lost). Identical content is stored once.
+Refs are validated strictly (64 lowercase hex digits), so a ref can never name another path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, SmtpFace, Unavailable
+
+_REF = re.compile(r"[0-9a-f]{64}")
+_TMP_DIR = "tmp"
+_TMP_PREFIX = ".tmp-"
+# put_stream buffers this much before each write to the temp file.
+_WRITE_BUFFER = 1 << 20
+READ_CHUNK = 1 << 16
+
+
+class BlobTooLarge(LimitExceeded):
+    """A streamed blob over its max_size; permanent for this message."""
+
+    # RFC 3463: 5.3.4 message too big for system
+    smtp = SmtpFace(552, "5.3.4", "Message too big for system")
+
+
+def _unavailable(e: OSError) -> Unavailable:
+    # Never the path: messages are for developers, without internals.
+    reason = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or type(e).__name__
+    return Unavailable(f"blob store unavailable: {reason}")
+
+
+def validate_ref(ref: str) -> str:
+    """ref if it is 64 lowercase hex digits, else InvalidInput."""
+    if not isinstance(ref, str) or _REF.fullmatch(ref) is None:
+        raise InvalidInput("invalid blob ref: expected 64 lowercase hex digits (sha256)")
+    return ref
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Content-addressed blob files under root (created on first write)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / _TMP_DIR
+
+    def path(self, ref: str) -> Path:
+        """Where the blob ref lives (whether or not it exists)."""
+        validate_ref(ref)
+        return self.root / ref[0:2] / ref[2:4] / ref
+
+    # Writing.
+
+    async def put(self, data: bytes) -> str:
+        """Store data durably; return its sha256 hex ref. Existing content is not rewritten."""
+        return await asyncio.to_thread(self._put_sync, bytes(data))
+
+    def _put_sync(self, data: bytes) -> str:
+        ref = hashlib.sha256(data).hexdigest()
+        try:
+            if self._already_stored(ref):
+                return ref
+            tmp = self._new_temp()
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._publish(tmp, ref)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError as e:
+            raise _unavailable(e) from None
+        return ref
+
+    async def put_stream(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
+                         max_size: int) -> tuple[str, int]:
+        """Store the concatenated chunks durably; return (sha256 hex ref, size).
+
+        Over max_size bytes: BlobTooLarge (a LimitExceeded), and nothing is left on disk.
+        """
+        hasher = hashlib.sha256()
+        size = 0
+        buffer: list[bytes] = []
+        buffered = 0
+        tmp = await asyncio.to_thread(self._new_temp_checked)
+        try:
+            f = await asyncio.to_thread(open, tmp, "wb")
+            try:
+                async for chunk in _aiter(chunks):
+                    size += len(chunk)
+                    if size > max_size:
+                        raise BlobTooLarge(f"blob too large: over the limit of {max_size} bytes")
+                    hasher.update(chunk)
+                    buffer.append(chunk)
+                    buffered += len(chunk)
+                    if buffered >= _WRITE_BUFFER:
+                        await asyncio.to_thread(f.write, b"".join(buffer))
+                        buffer.clear()
+                        buffered = 0
+                if buffer:
+                    await asyncio.to_thread(f.write, b"".join(buffer))
+                await asyncio.to_thread(_flush_and_sync, f)
+            finally:
+                f.close()
+            ref = hasher.hexdigest()
+            await asyncio.to_thread(self._publish_checked, tmp, ref)
+        except OSError as e:
+            raise _unavailable(e) from None
+        finally:
+            # Synchronous on purpose: it must run even when the task is cancelled.
+            _remove_quietly(tmp)
+        return ref, size
+
+    def _already_stored(self, ref: str) -> bool:
+        final = self.path(ref)
+        if final.exists():
+            # It may have just been renamed by a concurrent put: make sure its entry is durable.
+            _fsync_dir(final.parent)
+            return True
+        return False
+
+    def _new_temp(self) -> Path:
+        if not self._tmp.is_dir():
+            self._makedirs(self._tmp)
+        return self._tmp / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+
+    def _new_temp_checked(self) -> Path:
+        try:
+            return self._new_temp()
+        except OSError as e:
+            raise _unavailable(e) from None
+
+    def _makedirs(self, directory: Path) -> None:
+        """mkdir -p, fsyncing each parent whose entries changed."""
+        missing: list[Path] = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            if d.parent == d:
+                break
+            d = d.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for d in reversed(missing):
+            _fsync_dir(d.parent)
+
+    def _publish(self, tmp: Path, ref: str) -> None:
+        """Rename the fsync'd temp file into place and make the new entry durable."""
+        final = self.path(ref)
+        if self._already_stored(ref):
+            return
+        if not final.parent.is_dir():
+            self._makedirs(final.parent)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+
+    def _publish_checked(self, tmp: Path, ref: str) -> None:
+        try:
+            self._publish(tmp, ref)
+        except OSError as e:
+            raise _unavailable(e) from None
+
+    # Reading.
+
+    async def get(self, ref: str) -> bytes:
+        path = self.path(ref)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFound(f"blob {ref} not found") from None
+        except OSError as e:
+            raise _unavailable(e) from None
+
+    def open(self, ref: str) -> BinaryIO:
+        """The blob as a binary file object for streaming (blocking reads; close it)."""
+        path = self.path(ref)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"blob {ref} not found") from None
+        except OSError as e:
+            raise _unavailable(e) from None
+
+    async def iter_chunks(self, ref: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The blob's bytes in chunks, reading in a worker thread."""
+        f = await asyncio.to_thread(self.open, ref)
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(f.read, chunk_size)
+                except OSError as e:
+                    raise _unavailable(e) from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            f.close()
+
+    async def exists(self, ref: str) -> bool:
+        path = self.path(ref)
+        try:
+            return await asyncio.to_thread(path.is_file)
+        except OSError as e:
+            raise _unavailable(e) from None
+
+    async def delete(self, ref: str) -> bool:
+        """Remove the blob; False if it did not exist."""
+        path = self.path(ref)
+        try:
+            await asyncio.to_thread(path.unlink)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _unavailable(e) from None
+        return True
+
+    async def remove_stale_temp(self, older_than: float = 3600.0) -> int:
+        """Remove temp files left by crashed writers (older than older_than seconds)."""
+        return await asyncio.to_thread(self._remove_stale_temp, older_than)
+
+    def _remove_stale_temp(self, older_than: float) -> int:
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return 0
+        except OSError as e:
+            raise _unavailable(e) from None
+        for entry in entries:
+            try:
+                if entry.name.startswith(_TMP_PREFIX) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+
+def _flush_and_sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterator[bytes]:
+    if isinstance(chunks, AsyncIterable):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk

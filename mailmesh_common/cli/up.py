@@ -1,0 +1,434 @@
+"""`mailmesh up`: runs the whole mesh on one machine and supervises it.
+
+Checks that every port is free, starts nats-server (JetStream, fsync on every write) and the
+five services as separate processes, waits until NATS answers and every gRPC health check
+says SERVING, prints the endpoints, then restarts whatever crashes (exponential backoff) until
+SIGINT/SIGTERM stops everything: services first, nats-server last, no orphans.
+
+Files under the data dir: `nats/` (config and JetStream store), `logs/<component>.log`,
+`logs/supervisor.log`, `mailmesh.pid`, `pids.json` (component -> pid), `endpoints.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from mailmesh_common import streams
+from mailmesh_common.cli.status import NATS, SERVING, grpc_health, service_key
+from mailmesh_common.config import ENV_PREFIX, Settings, load_settings, settings_env
+from mailmesh_common.natsserver import (
+    NatsServer,
+    NatsServerNotFound,
+    NatsServerNotReady,
+    find_nats_server,
+    open_log,
+    signal_group,
+    spawn,
+    stop_processes,
+    tail,
+    wait_ready,
+)
+
+# start order; shutdown is the same order, nats-server last
+SERVICES = ("svc_mailbox", "svc_ingest", "svc_search", "svc_send", "svc_gateway")
+
+# every port the mesh listens on, by the component that owns it
+PORT_SETTINGS: tuple[tuple[str, str], ...] = (
+    (NATS, "nats_port"),
+    ("svc_mailbox", "mailbox_port"),
+    ("svc_ingest", "ingest_port"),
+    ("svc_search", "search_port"),
+    ("svc_send", "send_port"),
+    ("svc_gateway", "gateway_port"),
+    ("svc_ingest", "smtp_port"),
+    ("svc_send", "submission_port"),
+    ("svc_gateway", "http_port"),
+    ("svc_gateway", "imap_port"),
+)
+
+# service exit codes (mailmesh_common.service)
+EXIT_MEANINGS = {2: "configuration error", 3: "port already in use", 4: "dependency unreachable"}
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+BACKOFF_RESET_AFTER_S = 60.0
+STOP_TIMEOUT_S = 10.0
+TICK_S = 0.2
+
+
+class UpError(Exception):
+    """A reason `mailmesh up` cannot start; the message is printed as is."""
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    meaning = EXIT_MEANINGS.get(code)
+    return f"code {code}" + (f" ({meaning})" if meaning else "")
+
+
+# --- ports ----------------------------------------------------------------------------------------
+
+def port_problem(host: str, port: int) -> str | None:
+    """None when `host:port` can be listened on, else why not. Uses SO_REUSEADDR like gRPC and
+    nats-server do, so only a live listener (not TIME_WAIT leftovers) counts as in use."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "port already in use"
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(settings: Settings) -> None:
+    """UpError naming the first component whose port is taken or configured twice."""
+    seen: dict[int, str] = {}
+    for component, setting in PORT_SETTINGS:
+        port = int(getattr(settings, setting))
+        env_name = ENV_PREFIX + setting.upper()
+        if port in seen:
+            raise UpError(f"mailmesh up: {component} and {seen[port]} are both configured to listen on "
+                          f"port {port} (check {env_name})")
+        seen[port] = component
+        problem = port_problem(settings.host, port)
+        if problem:
+            raise UpError(f"mailmesh up: {component} cannot listen on {settings.host}:{port}: {problem} "
+                          f"(set {env_name} to use another port)")
+
+
+# --- components -----------------------------------------------------------------------------------
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log_file: Path
+    env: dict[str, str] | None = None
+    grpc_addr: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.proc = spawn(self.argv, log_file=self.log_file, env=self.env)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    nats: NatsServer
+    start_timeout_s: float = 30.0
+    components: list[Component] = field(default_factory=list)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    log_stream: IO[str] | None = None
+
+    # --- paths and records ---
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.settings.data_dir / "logs"
+
+    def log(self, message: str) -> None:
+        line = f"{datetime.now(UTC).isoformat(timespec='milliseconds')} mailmesh up: {message}"
+        print(line, file=sys.stderr, flush=True)
+        if self.log_stream is not None:
+            with contextlib.suppress(OSError):
+                self.log_stream.write(line + "\n")
+
+    def _write_json(self, name: str, doc: object) -> None:
+        path = self.data_dir / name
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+
+    def write_pids(self) -> None:
+        pids: dict[str, int | None] = {"supervisor": os.getpid()}
+        for c in self.components:
+            pids[c.name] = c.proc.pid if c.proc is not None and c.proc.poll() is None else None
+        self._write_json("pids.json", pids)
+
+    def endpoints(self) -> dict[str, str]:
+        s = self.settings
+        out: dict[str, str] = {name: f"{s.host}:{getattr(s, service_key(name) + '_port')}" for name in SERVICES}
+        out[NATS] = self.nats.url
+        out.update({"smtp": f"{s.host}:{s.smtp_port}", "submission": f"{s.host}:{s.submission_port}",
+                    "http": f"http://{s.host}:{s.http_port}", "imap": f"{s.host}:{s.imap_port}",
+                    "data_dir": str(s.data_dir), "logs_dir": str(self.logs_dir)})
+        return out
+
+    def print_endpoints(self) -> None:
+        e = self.endpoints()
+        rows = [(name, "gRPC", e[name]) for name in SERVICES]
+        rows += [("svc_ingest", "SMTP", e["smtp"]), ("svc_send", "submission", e["submission"]),
+                 ("svc_gateway", "HTTP", e["http"]), ("svc_gateway", "IMAP", e["imap"]),
+                 ("nats", "NATS", e[NATS])]
+        print("mailmesh endpoints:")
+        for name, kind, addr in rows:
+            print(f"  {name:<12} {kind:<11} {addr}")
+        print(f"  {'data dir':<24} {e['data_dir']}")
+        print(f"  {'logs':<24} {e['logs_dir']}")
+        print(f"mailmesh is up (supervisor pid {os.getpid()}); Ctrl-C stops it")
+        sys.stdout.flush()
+
+    # --- building ---
+    def build(self) -> None:
+        env = dict(os.environ)
+        env.pop(ENV_PREFIX + "CONFIG", None)  # the settings below are complete
+        env.update(settings_env(self.settings))
+        env["PYTHONUNBUFFERED"] = "1"
+        self.components = [Component(NATS, self.nats.argv(), self.logs_dir / "nats.log")]
+        for name in SERVICES:
+            self.components.append(Component(
+                name, [sys.executable, "-m", name], self.logs_dir / f"{name}.log", env=env,
+                grpc_addr=f"{self.settings.host}:{getattr(self.settings, service_key(name) + '_port')}"))
+
+    @property
+    def nats_component(self) -> Component:
+        return self.components[0]
+
+    @property
+    def services(self) -> list[Component]:
+        return self.components[1:]
+
+    # --- start ---
+    def _start_failure(self, c: Component) -> UpError:
+        assert c.proc is not None
+        last = tail(c.log_file)
+        detail = f"; last lines of {c.log_file}:\n{last}" if last else f"; see {c.log_file}"
+        return UpError(f"mailmesh up: {c.name} exited during start with {describe_exit(c.proc.returncode)}"
+                       f"{detail}")
+
+    async def start_nats(self) -> None:
+        c = self.nats_component
+        c.start()
+        self.write_pids()
+        try:
+            await self._until_stopped(wait_ready(self.nats.url, c.proc, timeout_s=self.start_timeout_s,
+                                                 log_file=c.log_file))
+        except NatsServerNotReady as exc:
+            raise UpError(f"mailmesh up: nats-server did not start: {exc}") from None
+        if self.stop_event.is_set():
+            return
+        nc = await streams.connect(self.nats.url, name="mailmesh-up", max_reconnect=0)
+        try:
+            await streams.ensure_streams(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    async def _until_stopped(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Awaits `coro` unless a stop signal comes first (then cancels it)."""
+        task = asyncio.ensure_future(coro)
+        stopper = asyncio.ensure_future(self.stop_event.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task in done:
+            task.result()
+        else:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def start_services(self) -> None:
+        for c in self.services:
+            c.start()
+        self.write_pids()
+        deadline = time.monotonic() + self.start_timeout_s
+        pending = {c.name: c for c in self.services}
+        last: dict[str, str] = {}
+        while pending and not self.stop_event.is_set():
+            for c in pending.values():
+                if c.exited():
+                    raise self._start_failure(c)
+            if self.nats_component.exited():
+                raise self._start_failure(self.nats_component)
+            answers = await asyncio.gather(*(grpc_health(c.grpc_addr or "", 1.0) for c in pending.values()))
+            for c, answer in zip(list(pending.values()), answers, strict=True):
+                last[c.name] = answer
+                if answer == SERVING:
+                    del pending[c.name]
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                name = next(iter(pending))
+                raise UpError(f"mailmesh up: {name} not SERVING after {self.start_timeout_s:.0f}s "
+                              f"(health: {last.get(name, 'UNREACHABLE')}); see {pending[name].log_file}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), 0.2)
+
+    # --- supervise ---
+    def tick(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for c in self.components:
+            if c.proc is not None and c.exited():
+                uptime = now - c.started_at
+                if uptime >= BACKOFF_RESET_AFTER_S:
+                    c.backoff_s = BACKOFF_START_S
+                delay = c.backoff_s
+                c.backoff_s = min(c.backoff_s * 2, BACKOFF_MAX_S)
+                signal_group(c.proc, signal.SIGKILL)  # leftovers of its process group
+                self.log(f"{c.name} (pid {c.proc.pid}) exited with {describe_exit(c.proc.returncode)} "
+                         f"after {uptime:.1f}s; restarting in {delay:.1f}s; last lines of {c.log_file}:\n"
+                         f"{tail(c.log_file, 5)}")
+                c.proc = None
+                c.restart_at = now + delay
+                changed = True
+            elif c.proc is None and c.restart_at is not None and now >= c.restart_at:
+                try:
+                    c.start()
+                except OSError as exc:
+                    c.restart_at = now + c.backoff_s
+                    c.backoff_s = min(c.backoff_s * 2, BACKOFF_MAX_S)
+                    self.log(f"{c.name}: cannot restart: {exc}; next try in {c.restart_at - now:.1f}s")
+                    continue
+                c.restarts += 1
+                assert c.proc is not None
+                self.log(f"{c.name} restarted (restart #{c.restarts}, pid {c.proc.pid})")
+                changed = True
+        if changed:
+            self.write_pids()
+
+    async def supervise(self) -> None:
+        while not self.stop_event.is_set():
+            self.tick()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), TICK_S)
+
+    # --- stop ---
+    def stop_all(self) -> None:
+        running = [c for c in self.services if c.proc is not None]
+        if running:
+            self.log("stopping services")
+            stop_processes([c.proc for c in running if c.proc is not None], STOP_TIMEOUT_S)
+        n = self.nats_component if self.components else None
+        if n is not None and n.proc is not None:
+            self.log("stopping nats-server")
+            stop_processes([n.proc], STOP_TIMEOUT_S)
+        for c in self.components:
+            c.proc = None
+
+    # --- everything ---
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self.log(f"starting nats-server on {self.nats.url} (data dir {self.data_dir})")
+            await self.start_nats()
+            if not self.stop_event.is_set():
+                self.log("starting " + ", ".join(SERVICES))
+                await self.start_services()
+            if not self.stop_event.is_set():
+                self._write_json("endpoints.json", self.endpoints())
+                self.print_endpoints()
+                self.log("mailmesh is up")
+                await self.supervise()
+        except UpError as exc:
+            print(str(exc), file=sys.stderr, flush=True)
+            if self.log_stream is not None:
+                self.log_stream.write(str(exc) + "\n")
+            self.stop_all()
+            return 1
+        except BaseException:
+            self.stop_all()
+            raise
+        self.stop_all()
+        self.log("stopped")
+        return 0
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self.stop_event.is_set():
+            self.log(f"received {sig.name}, stopping")
+        self.stop_event.set()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    settings = load_settings(args.config, data_dir=data_dir)
+    settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
+    try:
+        binary = find_nats_server()
+        check_ports(settings)
+        if args.nats_monitor_port is not None and port_problem(settings.host, args.nats_monitor_port):
+            raise UpError(f"mailmesh up: nats cannot listen on {settings.host}:{args.nats_monitor_port} "
+                          "(monitor): port already in use")
+    except NatsServerNotFound as exc:
+        print(f"mailmesh up: {exc}", file=sys.stderr)
+        return 1
+    except UpError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+
+    data_dir = settings.data_dir
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    settings.token()  # create the shared internal token before any child reads it
+    nats = NatsServer(data_dir / "nats", settings.host, settings.nats_port,
+                      monitor_port=args.nats_monitor_port, log_file=logs / "nats.log", binary=binary)
+    try:
+        nats.prepare()
+    except NatsServerNotReady as exc:
+        print(f"mailmesh up: {exc}", file=sys.stderr)
+        return 1
+
+    pid_file = data_dir / "mailmesh.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
+    with open_log(logs / "supervisor.log") as log_stream:
+        sup = Supervisor(settings, nats, start_timeout_s=args.start_timeout, log_stream=log_stream)
+        sup.build()
+        try:
+            return asyncio.run(sup.run())
+        finally:
+            for name in ("mailmesh.pid", "pids.json"):
+                with contextlib.suppress(OSError):
+                    (data_dir / name).unlink()
+
+
+def add_up_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run nats-server and the five services, supervised",
+                       description="Starts nats-server and the five services on this machine, waits "
+                                   "until all are healthy, prints the endpoints and supervises them "
+                                   "until Ctrl-C.")
+    p.add_argument("--data-dir", help="where state and logs live (default: settings, ./data)")
+    p.add_argument("--config", help="TOML settings file (default: $MAILMESH_CONFIG)")
+    p.add_argument("--nats-monitor-port", type=int, default=None,
+                   help="serve nats-server's HTTP monitoring on this port (default: off)")
+    p.add_argument("--start-timeout", type=float, default=30.0,
+                   help="seconds to wait for every component to be healthy (default 30)")
+    p.set_defaults(func=run_up)

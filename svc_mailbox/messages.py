@@ -1,0 +1,352 @@
+"""Messages in a mailbox: adding (delivery, append), reading, listing, modifying labels and
+flags, trash and delete forever. All functions run inside one KV transaction (`MailTx`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mailmesh.v1 import types_pb2
+
+from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, QuotaExceeded
+from mailmesh_common.kv import decode_counter
+from mailmesh_common.mime import ParsedMessage
+from svc_mailbox import index, keys, labels, threads
+from svc_mailbox.pagetoken import Cursor
+from svc_mailbox.txn import MailTx, ts_from_us
+
+MAX_BATCH = 1000
+MAX_PAGE = 500
+MAX_ADDRESSES = 200
+MAX_REFERENCES = 100
+FLAG_KEYWORDS_RESERVED = {"\\seen", "\\flagged", "\\recent"}
+MAX_KEYWORDS = 64
+
+
+@dataclass
+class NewMessage:
+    """Everything known about a message before it is added (parsed outside the transaction)."""
+
+    blob_ref: str
+    size: int
+    parsed: ParsedMessage
+    chain: list[str]
+    participants: set[str]
+    norm_subject: str
+    internal_us: int
+    label_ids: list[str]
+    unread: bool = True
+    starred: bool = False
+    keywords: list[str] = field(default_factory=list)
+    spam_score: float = 0.0
+    recipients: list[str] = field(default_factory=list)
+
+
+def _addresses(out: object, addrs: Sequence[object]) -> None:
+    for a in list(addrs)[:MAX_ADDRESSES]:
+        out.add(name=a.name[:500], email=a.email[:320])  # type: ignore[attr-defined]
+
+
+def build_record(msg_id: str, new: NewMessage) -> types_pb2.Message:
+    p = new.parsed
+    m = types_pb2.Message(
+        id=msg_id, unread=new.unread, starred=new.starred, snippet=p.snippet[:200],
+        size_estimate=new.size, subject=p.subject[:2000], message_id_header=p.message_id[:900],
+        has_attachments=p.has_attachments, blob_ref=new.blob_ref, spam_score=new.spam_score,
+        parse_warnings=[w[:300] for w in p.parse_warnings[:20]],
+    )
+    m.internal_date.CopyFrom(ts_from_us(new.internal_us))
+    if p.date is not None:
+        m.date.FromDatetime(p.date)
+    for name in ("from_", "to", "cc", "bcc", "reply_to"):
+        _addresses(getattr(m, name.rstrip("_")), getattr(p, name))
+    m.in_reply_to.extend(i[:900] for i in p.in_reply_to[:MAX_REFERENCES])
+    m.references.extend(i[:900] for i in p.references[-MAX_REFERENCES:])
+    labs = list(dict.fromkeys(new.label_ids))
+    if new.starred and "STARRED" not in labs:
+        labs.append("STARRED")
+    m.starred = "STARRED" in labs
+    m.label_ids.extend(labs)
+    m.keywords.extend(sorted(set(new.keywords))[:MAX_KEYWORDS])
+    for rcpt in new.recipients[:MAX_ADDRESSES]:
+        m.recipients.add(email=rcpt, state=types_pb2.RECIPIENT_STATE_QUEUED,
+                         updated_time=ts_from_us(new.internal_us))
+    return m
+
+
+def check_quota(mtx: MailTx, size: int) -> None:
+    raw = mtx.tr.get(keys.u(mtx.user, "acct"))
+    if raw is None:
+        raise NotFound("no such user")
+    quota = types_pb2.Account.FromString(raw).quota_bytes
+    used = mtx.counter("ctr", "used")
+    if quota and used + size > quota:
+        raise QuotaExceeded(f"mailbox quota exceeded: {used + size} of {quota} bytes")
+
+
+def add(mtx: MailTx, new: NewMessage, *, msg_id: str | None = None) -> types_pb2.Message:
+    """Adds a message: record, thread, indexes, counters, changelog, blob reference."""
+    for lid in new.label_ids:
+        if not labels.exists(mtx, lid):
+            raise NotFound(f"label {lid!r} not found")
+    msg = build_record(msg_id or threads.new_id(), new)
+    msg.thread_id = threads.assign(mtx, msg, new.chain, new.participants, new.norm_subject)
+    index.apply(mtx, None, msg, types_pb2.CHANGE_TYPE_MESSAGE_ADDED)
+    mtx.tr.add(keys.g("blob", new.blob_ref), 1)
+    return msg
+
+
+def deliver(mtx: MailTx, ingest_id: str, new: NewMessage, *, enforce_quota: bool) -> tuple[types_pb2.Message, bool]:
+    """Idempotent on ingest_id: a repeated delivery returns the first message, duplicate=True."""
+    dedup = keys.u(mtx.user, "dlv", ingest_id)
+    prior = mtx.tr.get(dedup)
+    if prior is not None:
+        raw = mtx.tr.get(keys.u(mtx.user, "msg", prior.decode()))
+        if raw is not None:
+            return types_pb2.Message.FromString(raw), True
+        return types_pb2.Message(id=prior.decode()), True  # delivered, since deleted by the user
+    if enforce_quota:
+        check_quota(mtx, new.size)
+    msg = add(mtx, new)
+    mtx.tr.set(dedup, msg.id.encode())
+    return msg, False
+
+
+def append(mtx: MailTx, new: NewMessage, idempotency_key: str) -> types_pb2.Message:
+    if idempotency_key:
+        if len(idempotency_key) > 200:
+            raise InvalidInput("idempotency_key is longer than 200 characters")
+        prior = mtx.tr.get(keys.u(mtx.user, "idem", idempotency_key))
+        if prior is not None:
+            raw = mtx.tr.get(keys.u(mtx.user, "msg", prior.decode()))
+            if raw is not None:
+                return types_pb2.Message.FromString(raw)
+    check_quota(mtx, new.size)
+    msg = add(mtx, new)
+    if idempotency_key:
+        mtx.tr.set(keys.u(mtx.user, "idem", idempotency_key), msg.id.encode())
+    return msg
+
+
+def load(mtx: MailTx, msg_id: str) -> types_pb2.Message:
+    if not msg_id or len(msg_id) > 64:
+        raise InvalidInput("message id is empty or too long")
+    raw = mtx.tr.get(keys.u(mtx.user, "msg", msg_id))
+    if raw is None:
+        raise NotFound(f"message {msg_id!r} not found")
+    return types_pb2.Message.FromString(raw)
+
+
+def _copy(m: types_pb2.Message) -> types_pb2.Message:
+    c = types_pb2.Message()
+    c.CopyFrom(m)
+    return c
+
+
+def _set_labels(m: types_pb2.Message, new_labels: list[str]) -> None:
+    del m.label_ids[:]
+    m.label_ids.extend(new_labels)
+    m.starred = "STARRED" in new_labels
+
+
+def _check_keyword(kw: str) -> str:
+    if not kw or len(kw) > 100 or any(c in kw for c in ' (){%*"\\]') and not kw.startswith("\\"):
+        raise InvalidInput(f"invalid keyword {kw!r}")
+    if kw.lower() in FLAG_KEYWORDS_RESERVED:
+        raise InvalidInput(f"{kw!r} is set through unread/starred, not as a keyword")
+    return kw
+
+
+def modify(mtx: MailTx, ids: Sequence[str], add_labels: Sequence[str], remove_labels: Sequence[str],
+           unread: bool | None, starred: bool | None, add_kw: Sequence[str], remove_kw: Sequence[str],
+           unchanged_since: int = 0) -> tuple[list[types_pb2.Message], list[str]]:
+    if not ids:
+        raise InvalidInput("ids must not be empty")
+    if len(ids) > MAX_BATCH:
+        raise LimitExceeded(f"at most {MAX_BATCH} messages per batch")
+    add_l, rem_l = list(add_labels), list(remove_labels)
+    # Gmail's pseudo-labels UNREAD and STARRED map onto the flags
+    for lst, value in ((add_l, True), (rem_l, False)):
+        for lid in list(lst):
+            if lid.upper() == "UNREAD":
+                lst.remove(lid)
+                if unread is not None and unread != value:
+                    raise InvalidInput("UNREAD is both added and removed")
+                unread = value
+    add_ids = labels.resolve_ids(mtx, add_l, field="add_label_ids")
+    rem_ids = labels.resolve_ids(mtx, rem_l, field="remove_label_ids")
+    if set(add_ids) & set(rem_ids):
+        raise InvalidInput("a label cannot be both added and removed")
+    if starred is True:
+        add_ids.append("STARRED") if "STARRED" not in add_ids else None
+    if starred is False:
+        rem_ids.append("STARRED") if "STARRED" not in rem_ids else None
+    if "STARRED" in add_ids and "STARRED" in rem_ids:
+        raise InvalidInput("starred is both set and cleared")
+    kw_add = [_check_keyword(k) for k in add_kw]
+    kw_rem = [_check_keyword(k) for k in remove_kw]
+    out: list[types_pb2.Message] = []
+    skipped: list[str] = []
+    for msg_id in dict.fromkeys(ids):
+        old = load(mtx, msg_id)
+        if unchanged_since and old.history_id > unchanged_since:
+            skipped.append(msg_id)
+            out.append(old)
+            continue
+        new = _copy(old)
+        cur = list(new.label_ids)
+        next_labels = [lb for lb in cur if lb not in rem_ids] + [lb for lb in add_ids if lb not in cur]
+        if "TRASH" in add_ids and "TRASH" not in cur:
+            _to_trash(new, next_labels)
+        else:
+            _set_labels(new, next_labels)
+        if unread is not None:
+            new.unread = unread
+        kws = (set(new.keywords) | set(kw_add)) - set(kw_rem)
+        if len(kws) > MAX_KEYWORDS:
+            raise LimitExceeded(f"at most {MAX_KEYWORDS} keywords per message")
+        del new.keywords[:]
+        new.keywords.extend(sorted(kws))
+        if new == old:
+            out.append(old)
+            continue
+        kind = (types_pb2.CHANGE_TYPE_LABELS_CHANGED if list(new.label_ids) != list(old.label_ids)
+                else types_pb2.CHANGE_TYPE_FLAGS_CHANGED)
+        index.apply(mtx, old, new, kind)
+        out.append(new)
+    return out, skipped
+
+
+def _to_trash(m: types_pb2.Message, requested: list[str]) -> None:
+    """Trash keeps only TRASH (and STARRED); the other labels are remembered for untrash."""
+    del m.trashed_from_label_ids[:]
+    m.trashed_from_label_ids.extend(lb for lb in m.label_ids if lb not in ("TRASH", "STARRED"))
+    _set_labels(m, ["TRASH"] + (["STARRED"] if "STARRED" in requested else []))
+
+
+def trash(mtx: MailTx, msg_id: str) -> types_pb2.Message:
+    old = load(mtx, msg_id)
+    if "TRASH" in old.label_ids:
+        return old
+    new = _copy(old)
+    _to_trash(new, list(old.label_ids))
+    index.apply(mtx, old, new, types_pb2.CHANGE_TYPE_LABELS_CHANGED)
+    return new
+
+
+def untrash(mtx: MailTx, msg_id: str) -> types_pb2.Message:
+    old = load(mtx, msg_id)
+    if "TRASH" not in old.label_ids:
+        return old
+    new = _copy(old)
+    restored = [lb for lb in old.trashed_from_label_ids if labels.exists(mtx, lb)]
+    if not restored:
+        restored = ["INBOX"]
+    keep = [lb for lb in old.label_ids if lb != "TRASH"]
+    _set_labels(new, keep + [lb for lb in restored if lb not in keep])
+    del new.trashed_from_label_ids[:]
+    index.apply(mtx, old, new, types_pb2.CHANGE_TYPE_LABELS_CHANGED)
+    return new
+
+
+def delete(mtx: MailTx, msg_id: str) -> types_pb2.Message:
+    """Deletes forever; drops the blob when no other message references it (after commit)."""
+    old = load(mtx, msg_id)
+    index.apply(mtx, old, None, types_pb2.CHANGE_TYPE_MESSAGE_DELETED)
+    blob_key = keys.g("blob", old.blob_ref)
+    mtx.tr.add(blob_key, -1)
+    if decode_counter(mtx.tr.get(blob_key)) <= 0:
+        mtx.tr.clear(blob_key)
+        mtx.blobs_to_delete.append(old.blob_ref)
+    return old
+
+
+def _index_for(unread_only: bool, starred_only: bool, threads_: bool) -> str:
+    prefix = "t" if threads_ else "l"
+    if unread_only:
+        return prefix + "unr"
+    if starred_only:
+        return prefix + "str"
+    return prefix + "idx"
+
+
+def label_for_list(mtx: MailTx, label_id: str) -> str:
+    if not label_id:
+        return keys.ALL
+    canon = label_id.upper() if label_id.upper() in labels.SYSTEM_LABELS else label_id
+    if canon.upper() in ("ALL", "ALL_MAIL"):
+        return keys.ALL
+    if not labels.exists(mtx, canon):
+        raise NotFound(f"label {label_id!r} not found")
+    return canon
+
+
+def page_keys(mtx: MailTx, label: str, idx: str, page_size: int, cursor: Cursor | None,
+              extra_filter: bool = False) -> tuple[list[tuple[int, str]], Cursor | None]:
+    """Reads one page of (ts, id) from a newest-first index; O(page)."""
+    begin, end = keys.u_range(mtx.user, idx, label)
+    if cursor is not None:
+        end = keys.u(mtx.user, idx, label, cursor.ts, cursor.id)
+    rows = mtx.tr.get_range(begin, end, limit=page_size + 1, reverse=True)
+    items = [(int(keys.unpack(k)[-2]), str(keys.unpack(k)[-1])) for k, _ in rows]
+    nxt = None
+    if len(items) > page_size:
+        items = items[:page_size]
+        nxt = Cursor(ts=items[-1][0], id=items[-1][1])
+    return items, nxt
+
+
+def list_messages(mtx: MailTx, label_id: str, unread_only: bool, starred_only: bool, page_size: int,
+                  cursor: Cursor | None) -> tuple[list[types_pb2.Message], Cursor | None, int, str]:
+    label = label_for_list(mtx, label_id)
+    idx = _index_for(unread_only, starred_only, False)
+    out: list[types_pb2.Message] = []
+    nxt = cursor
+    # both filters: walk the unread index and keep starred ones (bounded number of index reads)
+    for _ in range(20):
+        items, nxt = page_keys(mtx, label, idx, page_size - len(out), nxt)
+        for _, msg_id in items:
+            raw = mtx.tr.get(keys.u(mtx.user, "msg", msg_id))
+            if raw is None:
+                continue
+            m = types_pb2.Message.FromString(raw)
+            if unread_only and starred_only and not m.starred:
+                continue
+            out.append(m)
+        if nxt is None or len(out) >= page_size:
+            break
+    counter = "unread" if unread_only else "total"
+    total = decode_counter(mtx.tr.get(keys.u(mtx.user, "lctr", label, counter)))
+    return out, nxt, total, label
+
+
+def list_threads(mtx: MailTx, label_id: str, unread_only: bool, starred_only: bool, page_size: int,
+                 cursor: Cursor | None) -> tuple[list[types_pb2.Thread], Cursor | None, int, str]:
+    label = label_for_list(mtx, label_id)
+    idx = _index_for(unread_only, starred_only, True)
+    out: list[types_pb2.Thread] = []
+    nxt = cursor
+    for _ in range(20):
+        items, nxt = page_keys(mtx, label, idx, page_size - len(out), nxt)
+        for _, tid in items:
+            raw = mtx.tr.get(keys.u(mtx.user, "thr", tid))
+            if raw is None:
+                continue
+            t = types_pb2.Thread.FromString(raw)
+            if unread_only and starred_only:
+                stats = index.thread_label_stats(mtx, tid, label)
+                if not stats or not stats[2]:
+                    continue
+            out.append(t)
+        if nxt is None or len(out) >= page_size:
+            break
+    total = decode_counter(mtx.tr.get(keys.u(mtx.user, "lctr", label, "threads")))
+    return out, nxt, total, label
+
+
+def get_thread(mtx: MailTx, thread_id: str) -> tuple[types_pb2.Thread, list[types_pb2.Message]]:
+    tid = threads.resolve(mtx, thread_id) if thread_id and len(thread_id) <= 64 else None
+    if tid is None:
+        raise NotFound(f"thread {thread_id!r} not found")
+    thread = types_pb2.Thread.FromString(mtx.tr.get(keys.u(mtx.user, "thr", tid)) or b"")
+    return thread, index.thread_members(mtx, tid)
