@@ -10,7 +10,6 @@ import dataclasses
 import os
 import secrets
 import tomllib
-
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,10 +118,10 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
                 raise ValueError
             return value
         if typ is float:
-            value = float(raw)
-            if value < 0:
+            fvalue = float(raw)
+            if fvalue < 0:
                 raise ValueError
-            return value
+            return fvalue
         if typ is bool:
             if isinstance(raw, bool):
                 return raw

@@ -71,7 +71,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
                     return await asyncio.wait_for(inner(request, context), budget)
                 except MailmeshError as exc:
                     await context.abort(exc.grpc_code, exc.message)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded")
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise

@@ -84,8 +84,9 @@ async def serve(name: str, port: int, settings: Settings, register: Register, *,
     return ctx
 
 
-async def run_until_stopped(ctx: ServiceContext) -> None:
-    ctx.server.install_signal_handlers()
+async def run_until_stopped(ctx: ServiceContext, *, signals: bool = True) -> None:
+    if signals:
+        ctx.server.install_signal_handlers()
     await ctx.server.wait()
     ctx.stop.set()
     for task in ctx.tasks:

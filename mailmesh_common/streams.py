@@ -144,7 +144,7 @@ async def consume(js: JetStreamContext, spec: StreamSpec, msg_type: type[M], han
         while not stop.is_set():
             try:
                 msgs = await sub.fetch(opts.batch, timeout=opts.fetch_timeout_s)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:
                 if stop.is_set():

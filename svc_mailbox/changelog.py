@@ -26,7 +26,7 @@ RELAY_BATCH = 256
 DIRTY_SCAN = 128
 
 
-def list_changes(tr: Transaction, user: str, since: int, limit: int) -> tuple[list[types_pb2.Change], int, bool]:
+def list_changes(tr: Transaction, *, user: str, since: int, limit: int) -> tuple[list[types_pb2.Change], int, bool]:
     highest = decode_counter(tr.get(keys.u(user, "ctr", "modseq")))
     floor = decode_counter(tr.get(keys.u(user, "ctr", "logfloor")))
     if since < floor:
@@ -83,7 +83,7 @@ class EventsRelay:
             if not busy:
                 try:
                     await asyncio.wait_for(self.hub.relay_wake.wait(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def relay_once(self) -> bool:

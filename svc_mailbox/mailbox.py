@@ -5,6 +5,7 @@ operation is one transaction (or, for long ones, a resumable sequence of small o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections import OrderedDict
@@ -32,6 +33,8 @@ ATTACHMENT_CHUNK = 64 * 1024
 MINIMAL_FIELDS = ("id", "thread_id", "label_ids", "unread", "starred", "keywords", "snippet", "size_estimate",
                   "internal_date", "history_id", "uids", "blob_ref", "spam_score", "parse_warnings")
 
+_REPEATED = {"label_ids", "keywords", "parse_warnings"}
+
 
 def page_size(value: int, default: int = DEFAULT_PAGE, maximum: int = messages.MAX_PAGE) -> int:
     if value < 0:
@@ -46,9 +49,9 @@ def render(m: types_pb2.Message, fmt: int) -> types_pb2.Message:
             if name == "uids":
                 for k, v in m.uids.items():
                     out.uids[k] = v
-            elif m.DESCRIPTOR.fields_by_name[name].label == m.DESCRIPTOR.fields_by_name[name].LABEL_REPEATED:
+            elif name in _REPEATED:
                 getattr(out, name).extend(getattr(m, name))
-            elif name in ("internal_date",):
+            elif name == "internal_date":
                 out.internal_date.CopyFrom(m.internal_date)
             else:
                 setattr(out, name, getattr(m, name))
@@ -124,7 +127,8 @@ class Mailbox:
 
     async def list_domains(self, size: int, token: str) -> tuple[list[types_pb2.Domain], str]:
         n = page_size(size, 100, 1000)
-        after = self.tokens.decode(token, "-", "domains").id if token else ""
+        cur = self.tokens.decode(token, "-", "domains")
+        after = cur.id if cur else ""
         items = await self.db.run(lambda tr: accounts.list_domains(tr, after, n + 1), readonly=True)
         nxt = self.tokens.encode("-", "domains", Cursor(0, items[n - 1].name)) if len(items) > n else ""
         return items[:n], nxt
@@ -138,7 +142,8 @@ class Mailbox:
     async def list_accounts(self, domain: str, size: int, token: str) -> tuple[list[types_pb2.Account], str]:
         n = page_size(size, 100, 1000)
         scope = f"accounts:{domain}"
-        after = self.tokens.decode(token, "-", scope).id if token else ""
+        cur = self.tokens.decode(token, "-", scope)
+        after = cur.id if cur else ""
         items = await self.db.run(lambda tr: accounts.list_accounts(tr, domain, after, n + 1), readonly=True)
         nxt = self.tokens.encode("-", scope, Cursor(0, items[n - 1].email)) if len(items) > n else ""
         return items[:n], nxt
@@ -337,7 +342,7 @@ class Mailbox:
     async def list_changes(self, user: str, since: int, size: int) -> pb.ListChangesResponse:
         n = page_size(size, 100, 1000)
         await self.require_user(user)
-        changes, highest, more = await self.db.run(lambda tr: changelog.list_changes(tr, user, since, n),
+        changes, highest, more = await self.db.run(functools.partial(changelog.list_changes, user=user, since=since, limit=n),
                                                    readonly=True)
         return pb.ListChangesResponse(changes=changes, highest_modseq=highest, has_more=more)
 
@@ -349,14 +354,14 @@ class Mailbox:
             while stop is None or not stop.is_set():
                 ev.clear()
                 changes, _, more = await self.db.run(
-                    lambda tr: changelog.list_changes(tr, user, since, 500), readonly=True)
+                    functools.partial(changelog.list_changes, user=user, since=since, limit=500), readonly=True)
                 for ch in changes:
                     since = ch.modseq
                     yield ch
                 if not more:
                     try:
                         await asyncio.wait_for(ev.wait(), poll_s)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
         finally:
             self.hub.unsubscribe(user, ev)

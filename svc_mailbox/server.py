@@ -1,13 +1,42 @@
-"""Wires svc_mailbox (placeholder until the mailbox store lands)."""
+"""Wires svc_mailbox: the KV store (SQLite or FoundationDB), the blob store, MailboxService over
+gRPC, the INBOUND consumer, the EVENTS relay, and resumption of interrupted long operations."""
 
 from __future__ import annotations
 
+from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
+
+from mailmesh_common.blobstore import BlobStore
+from mailmesh_common.errors import Unavailable
+from mailmesh_common.kv import open_database
 from mailmesh_common.service import ServiceContext, main
+from svc_mailbox.changelog import ChangeHub, EventsRelay
+from svc_mailbox.delivery import InboundConsumer
+from svc_mailbox.mailbox import Mailbox
+from svc_mailbox.servicer import MailboxServicer, service_name
+
+
+def open_store(ctx: ServiceContext) -> Mailbox:
+    s = ctx.settings
+    url = f"fdb:{s.fdb_cluster_file}" if s.fdb_cluster_file else s.resolved_kv_path()
+    if not s.fdb_cluster_file:
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        db = open_database(url)
+    except OSError as exc:
+        raise Unavailable(f"cannot open the mailbox store: {exc.strerror}") from exc
+    return Mailbox(db, BlobStore(s.data_dir / "blobs"), s, ChangeHub())
 
 
 async def register(ctx: ServiceContext) -> None:
-    return None
+    mailbox = open_store(ctx)
+    ctx.closers.append(mailbox.db.close)
+    pb_grpc.add_MailboxServiceServicer_to_server(MailboxServicer(mailbox), ctx.server.server)
+    assert ctx.js is not None
+    await mailbox.resume_jobs()
+    ctx.spawn(InboundConsumer(mailbox, ctx.js).run(ctx.stop), "inbound-consumer")
+    ctx.spawn(EventsRelay(mailbox.db, ctx.js, mailbox.hub, ctx.settings.changelog_retention).run(ctx.stop),
+              "events-relay")
 
 
 def run() -> None:
-    main("svc_mailbox", "mailbox_port", register)
+    main("svc_mailbox", "mailbox_port", register, service_names=(service_name(),))
