@@ -15,7 +15,7 @@ from typing import TypeVar
 from mailmesh.v1 import mailbox_service_pb2 as pb
 from mailmesh.v1 import types_pb2
 
-from mailmesh_common import mime
+from mailmesh_common import mime, telemetry
 from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, Unauthenticated
@@ -71,9 +71,11 @@ class Mailbox:
     # --- transactions -----------------------------------------------------------------------
     async def write(self, user: str, fn: Callable[[MailTx], T]) -> T:
         holder: dict[str, MailTx] = {}
+        # captured here: the transaction runs on the store's thread, outside this task's context
+        traceparent = telemetry.inject_headers().get("traceparent", "")
 
         def run(tr: Transaction) -> T:
-            mtx = MailTx(tr, user)
+            mtx = MailTx(tr, user, traceparent=traceparent)
             holder["mtx"] = mtx
             return fn(mtx)
 
