@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -189,12 +190,37 @@ def tail(path: Path, lines: int = 15) -> str:
 
 # --- readiness ------------------------------------------------------------------------------------
 
+async def _quiet(*_args: object) -> None:
+    return None
+
+
+def _tcp_open(url: str, timeout_s: float) -> bool:
+    hostport = url.split("://", 1)[-1].rsplit("@", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+async def tcp_open(url: str, timeout_s: float = 2.0) -> bool:
+    """True when something accepts TCP connections at the NATS URL's host:port."""
+    return await asyncio.to_thread(_tcp_open, url, timeout_s)
+
+
 async def jetstream_ready(url: str, timeout_s: float = 2.0) -> bool:
     """True when NATS at `url` accepts a connection and JetStream answers account info."""
+    if not await tcp_open(url, timeout_s):
+        return False
     nc = None
     try:
-        nc = await nats.connect(url, connect_timeout=timeout_s, allow_reconnect=False,
-                                max_reconnect_attempts=0, name="mailmesh-probe")
+        # nats-py retries the initial connect forever with max_reconnect_attempts <= 0: bound it
+        nc = await asyncio.wait_for(
+            nats.connect(url, connect_timeout=timeout_s, allow_reconnect=False, max_reconnect_attempts=1,
+                         reconnect_time_wait=0.1, name="mailmesh-probe", error_cb=_quiet,
+                         disconnected_cb=_quiet, closed_cb=_quiet),
+            timeout_s + 1)
         await nc.jetstream(timeout=timeout_s).account_info()
         return True
     except Exception:

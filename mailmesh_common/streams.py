@@ -67,11 +67,26 @@ def outbound_subject(domain: str) -> str:
     return "outbound." + domain.replace(".", "_").replace("*", "_").replace(">", "_")
 
 
+async def _on_error(exc: Exception) -> None:
+    log.warning("NATS: %s: %s", exc.__class__.__name__, exc)
+
+
+async def _on_disconnect() -> None:
+    log.warning("NATS: disconnected; reconnecting")
+
+
+async def _on_reconnect() -> None:
+    log.info("NATS: reconnected")
+
+
 async def connect(url: str, *, name: str, timeout_s: float = 5.0, max_reconnect: int = -1) -> NATS:
     """Connects to NATS; Unavailable with a clear message when it cannot."""
     try:
-        return await nats.connect(url, name=name, connect_timeout=timeout_s, max_reconnect_attempts=max_reconnect,
-                                  reconnect_time_wait=0.5, allow_reconnect=True)
+        # nats-py retries the first connect forever when reconnects are unlimited: bound it
+        return await asyncio.wait_for(
+            nats.connect(url, name=name, connect_timeout=timeout_s, max_reconnect_attempts=max_reconnect,
+                         reconnect_time_wait=0.5, allow_reconnect=True, error_cb=_on_error,
+                         disconnected_cb=_on_disconnect, reconnected_cb=_on_reconnect), timeout_s * 2)
     except Exception as exc:  # nats raises several unrelated types
         raise Unavailable(f"cannot connect to NATS at {url}: {exc.__class__.__name__}") from exc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mailmesh_common.cli.admin import add_admin_commands
 from mailmesh_common.cli.status import add_status_command
@@ -19,9 +20,10 @@ EXIT_CONFIG = 2
 
 
 def run_gen(args: argparse.Namespace) -> int:
-    from mailmesh_common.devtools.gen import ROOT, generate
+    from mailmesh_common.devtools.gen import GEN, ROOT, generate
 
-    for path in generate():
+    out = Path(args.out).resolve() if args.out else GEN
+    for path in generate(out=out):
         try:
             print(path.relative_to(ROOT))
         except ValueError:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="developer tools")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND")
     gen = dev_sub.add_parser("gen", help="regenerate gen/ from protos/ (grpcio-tools, mypy-protobuf)")
+    gen.add_argument("--out", help="output directory (default: the checkout's gen/)")
     gen.set_defaults(func=run_gen)
     dev.set_defaults(func=lambda _args: _usage(dev))
     add_admin_commands(sub)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mailmesh_common.config import Settings, load_settings
-from mailmesh_common.natsserver import jetstream_ready
+from mailmesh_common.natsserver import jetstream_ready, tcp_open
 
 SERVICES = ("svc_mailbox", "svc_search", "svc_send", "svc_ingest", "svc_gateway")
 NATS = "nats"
@@ -71,19 +70,9 @@ async def grpc_health(addr: str, timeout_s: float = 2.0) -> str:
         await channel.close()
 
 
-def _tcp_open(url: str, timeout_s: float) -> bool:
-    hostport = url.split("://", 1)[-1].rsplit("@", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 async def nats_health(url: str, timeout_s: float = 2.0) -> str:
     """SERVING when JetStream answers, NOT_SERVING when only TCP does, UNREACHABLE otherwise."""
-    if not await asyncio.to_thread(_tcp_open, url, timeout_s):
+    if not await tcp_open(url, timeout_s):
         return UNREACHABLE
     return SERVING if await jetstream_ready(url, timeout_s) else NOT_SERVING
 

@@ -122,6 +122,27 @@ def check_ports(settings: Settings) -> None:
                           f"(set {env_name} to use another port)")
 
 
+def running_supervisor(data_dir: Path) -> int | None:
+    """The pid of a live `mailmesh up` recorded in `data_dir/mailmesh.pid`, if any."""
+    try:
+        pid = int((data_dir / "mailmesh.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid  # no /proc: assume it is ours
+    return pid if b"mailmesh" in cmdline else None
+
+
 # --- components -----------------------------------------------------------------------------------
 
 @dataclass
@@ -131,6 +152,7 @@ class Component:
     log_file: Path
     env: dict[str, str] | None = None
     grpc_addr: str | None = None
+    cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     backoff_s: float = BACKOFF_START_S
@@ -138,7 +160,11 @@ class Component:
     restarts: int = 0
 
     def start(self) -> None:
-        self.proc = spawn(self.argv, log_file=self.log_file, env=self.env)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "a", encoding="utf-8") as f:
+            f.write(f"=== {datetime.now(UTC).isoformat(timespec='milliseconds')} mailmesh up: starting "
+                    f"{self.name} ===\n")
+        self.proc = spawn(self.argv, log_file=self.log_file, env=self.env, cwd=self.cwd)
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -212,10 +238,12 @@ class Supervisor:
         env.pop(ENV_PREFIX + "CONFIG", None)  # the settings below are complete
         env.update(settings_env(self.settings))
         env["PYTHONUNBUFFERED"] = "1"
-        self.components = [Component(NATS, self.nats.argv(), self.logs_dir / "nats.log")]
+        # cwd is the data dir: `python -m svc_x` imports the installed package, never whatever
+        # checkout the command was started from
+        self.components = [Component(NATS, self.nats.argv(), self.logs_dir / "nats.log", cwd=self.data_dir)]
         for name in SERVICES:
             self.components.append(Component(
-                name, [sys.executable, "-m", name], self.logs_dir / f"{name}.log", env=env,
+                name, [sys.executable, "-m", name], self.logs_dir / f"{name}.log", env=env, cwd=self.data_dir,
                 grpc_addr=f"{self.settings.host}:{getattr(self.settings, service_key(name) + '_port')}"))
 
     @property
@@ -245,7 +273,7 @@ class Supervisor:
             raise UpError(f"mailmesh up: nats-server did not start: {exc}") from None
         if self.stop_event.is_set():
             return
-        nc = await streams.connect(self.nats.url, name="mailmesh-up", max_reconnect=0)
+        nc = await asyncio.wait_for(streams.connect(self.nats.url, name="mailmesh-up", max_reconnect=1), 10)
         try:
             await streams.ensure_streams(nc.jetstream(timeout=10))
         finally:
@@ -383,6 +411,10 @@ def run_up(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, data_dir=data_dir)
     settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
     try:
+        other = running_supervisor(settings.data_dir)
+        if other is not None:
+            raise UpError(f"mailmesh up: already running for {settings.data_dir} (pid {other}); "
+                          "stop it first or use another --data-dir")
         binary = find_nats_server()
         check_ports(settings)
         if args.nats_monitor_port is not None and port_problem(settings.host, args.nats_monitor_port):

@@ -80,7 +80,7 @@ async def main() -> None:
     nats = subprocess.Popen([str(find_nats_server()), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
         settings = load_settings(env={}, data_dir=str(tmp / "data"), nats_url=f"nats://127.0.0.1:{nats_port}",
                                  mailbox_port=free_port(), log_level="WARNING")
         ctx = await serve("svc_mailbox", settings.mailbox_port, settings, register, service_names=(service_name(),))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from mailmesh.v1 import mailbox_service_pb2 as pb
 
@@ -48,7 +49,8 @@ async def test_domain_and_user_administration(mesh: Mesh) -> None:
                                       metadata=mesh.md())
     assert ok.account.email == "alice@example.com"
     # the password is stored hashed, never in clear
-    assert b"second password" not in open(mesh.settings.resolved_kv_path(), "rb").read()
+    store = Path(mesh.settings.resolved_kv_path()).read_bytes()
+    assert b"second password" not in store
 
 
 async def test_admin_errors_are_one_clear_line(mesh: Mesh) -> None:
