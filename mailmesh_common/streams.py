@@ -72,11 +72,11 @@ async def _on_error(exc: Exception) -> None:
 
 
 async def _on_disconnect() -> None:
-    log.warning("NATS: disconnected; reconnecting")
+    log.debug("NATS: disconnected")
 
 
 async def _on_reconnect() -> None:
-    log.info("NATS: reconnected")
+    log.warning("NATS: connection was lost and is restored")
 
 
 async def connect(url: str, *, name: str, timeout_s: float = 5.0, max_reconnect: int = -1) -> NATS:

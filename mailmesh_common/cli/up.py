@@ -72,6 +72,13 @@ STOP_TIMEOUT_S = 10.0
 TICK_S = 0.2
 
 
+# Protocol listeners the services serve today, printed by `up`. Their ports are reserved and
+# checked already; each joins this list with the issue that implements it:
+# ("svc_ingest", "SMTP", "smtp"), ("svc_send", "submission", "submission"),
+# ("svc_gateway", "HTTP", "http"), ("svc_gateway", "IMAP", "imap").
+SERVED_PROTOCOLS: tuple[tuple[str, str, str], ...] = ()
+
+
 class UpError(Exception):
     """A reason `mailmesh up` cannot start; the message is printed as is."""
 
@@ -210,6 +217,7 @@ class Supervisor:
         self._write_json("pids.json", pids)
 
     def endpoints(self) -> dict[str, str]:
+        """Every address the mesh owns (protocol ports are reserved even before they are served)."""
         s = self.settings
         out: dict[str, str] = {name: f"{s.host}:{getattr(s, service_key(name) + '_port')}" for name in SERVICES}
         out[NATS] = self.nats.url
@@ -221,9 +229,8 @@ class Supervisor:
     def print_endpoints(self) -> None:
         e = self.endpoints()
         rows = [(name, "gRPC", e[name]) for name in SERVICES]
-        rows += [("svc_ingest", "SMTP", e["smtp"]), ("svc_send", "submission", e["submission"]),
-                 ("svc_gateway", "HTTP", e["http"]), ("svc_gateway", "IMAP", e["imap"]),
-                 ("nats", "NATS", e[NATS])]
+        rows += [(name, kind, e[key]) for name, kind, key in SERVED_PROTOCOLS]
+        rows += [("nats", "NATS", e[NATS])]
         print("mailmesh endpoints:")
         for name, kind, addr in rows:
             print(f"  {name:<12} {kind:<11} {addr}")

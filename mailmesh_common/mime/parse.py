@@ -23,7 +23,7 @@ from email.generator import BytesGenerator
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
-from email.utils import getaddresses, parsedate_tz
+from email.utils import collapse_rfc2231_value, getaddresses, parsedate_tz
 from typing import Any
 
 from mailmesh_common.address import MailAddress
@@ -43,6 +43,11 @@ MAX_DEPTH = 40  # MIME nesting deeper than this is not walked
 MAX_PARTS = 2000  # leaf parts looked at per message
 MAX_WARNINGS = 100
 MAX_HEADER_CHARS = 100_000  # one header value; the rest is ignored
+# The policy.default header parser is slow (quadratic) on some inputs, e.g. thousands of
+# quotes. It only sees values that look tame, and at most STRUCTURED_BUDGET characters per
+# message; everything else goes through the lenient compat32-era functions.
+STRUCTURED_MAX_CHARS = 4096
+STRUCTURED_BUDGET = 32_768
 MAX_ADDRESSES = 2000  # per address header
 MAX_IDS = 500  # message ids per In-Reply-To / References
 SNIPPET_HTML_CHARS = 300_000  # HTML converted for a snippet when there is no text body
@@ -153,6 +158,7 @@ class _Context:
         self.items: list[str] = []
         self._seen: set[str] = set()
         self._headers: dict[int, tuple[Message, dict[str, list[str]]]] = {}
+        self.structured_budget = STRUCTURED_BUDGET
 
     def header_index(self, part: Message) -> dict[str, list[str]]:
         """Source values of the part's headers by lowercased name (built once per part)."""
@@ -243,8 +249,23 @@ def _first_raw(part: Message, name: str, ctx: _Context) -> str | None:
     return values[0] if values else None
 
 
+def _tame(value: str) -> bool:
+    return (
+        len(value) <= STRUCTURED_MAX_CHARS
+        and value.count('"') <= 64
+        and value.count("(") <= 32
+        and value.count("\\") <= 32
+        and value.count("=?") <= 32
+    )
+
+
 def _header_obj(name: str, value: str, ctx: _Context, *, report: bool = True) -> Any:
-    """A policy.default header object for value, or None if the header parser failed."""
+    """A policy.default header object for value, or None if the header parser failed or the
+    value is too long or odd for it (callers then fall back to lenient parsing)."""
+    if not _tame(value) or ctx.structured_budget < len(value):
+        ctx.warn(f"{name}: header too long or complex; parsed leniently")
+        return None
+    ctx.structured_budget -= len(value)
     try:
         header = _POLICY.header_factory(name, value)
     except Exception as exc:
@@ -444,8 +465,8 @@ def _params(part: Message, name: str, ctx: _Context) -> tuple[str, dict[str, str
     if header is None:
         main = value.split(";")[0].strip().lower()
         try:
-            for key, val in part.get_params(header=name, failobj=[]) or []:
-                params[str(key).lower()] = _decode_words(str(val))
+            for key, val in part.get_params(header=name, failobj=[])[1:]:
+                params[str(key).lower()] = _decode_words(str(collapse_rfc2231_value(val)))
         except Exception:
             pass
     for key in ("filename", "name"):
