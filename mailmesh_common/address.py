@@ -167,10 +167,14 @@ def _domain_to_ascii(domain: str) -> str:
 
 
 def validate_domain(domain: str) -> str:
-    """The canonical (lowercase, A-label) form of a domain, or InvalidInput."""
+    """The canonical (lowercase, A-label) form of a domain name, or InvalidInput.
+    Surrounding whitespace and one trailing dot (a fully qualified DNS name) are dropped."""
     if not isinstance(domain, str):
         raise InvalidInput("domain must be a string")
-    return _domain_to_ascii(domain.strip())
+    domain = domain.strip()
+    if domain.endswith(".") and not domain.endswith(".."):
+        domain = domain[:-1]
+    return _domain_to_ascii(domain)
 
 
 def _checked_parts(email: str) -> tuple[str, str]:
@@ -244,7 +248,7 @@ def _decode_name(name: str) -> str:
 
 def _lower_domain(email: str) -> str:
     local, _, domain = email.rpartition("@")
-    return f"{local}@{domain.lower()}"
+    return email if domain.startswith("[") else f"{local}@{domain.lower()}"
 
 
 def parse_address(text: str) -> MailAddress:

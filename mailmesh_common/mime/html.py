@@ -12,7 +12,9 @@ from html.parser import HTMLParser
 
 __all__ = ["html_to_text"]
 
-MAX_HTML_INPUT_CHARS = 4_000_000
+MAX_HTML_INPUT_CHARS = 1_000_000  # html.parser runs at roughly 1 s per MB of markup
+MAX_TAG_CHARS = 8192
+MAX_COMMENT_CHARS = 1_000_000
 DEFAULT_MAX_TEXT_CHARS = 1_000_000
 
 _DROP = frozenset({"script", "style", "head", "title", "template", "noembed", "object", "svg"})
@@ -89,6 +91,55 @@ class _TextExtractor(HTMLParser):
         self._emit(data)
 
 
+class _Finder:
+    """str.find of one needle for non-decreasing start positions, linear in total."""
+
+    def __init__(self, text: str, needle: str) -> None:
+        self.text = text
+        self.needle = needle
+        self.found = -1
+        self.none_from = len(text) + 1  # a search from here on finds nothing
+
+    def find(self, start: int) -> int:
+        if start >= self.none_from:
+            return -1
+        if self.found < start:
+            self.found = self.text.find(self.needle, start)
+            if self.found < 0:
+                self.none_from = start
+        return self.found
+
+
+def _tidy(html: str) -> str:
+    """Escape every '<' that does not open a complete tag or comment; blank out overlong
+    ones. html.parser rescans unterminated tags and comments and turns quadratic (or worse)
+    on input such as "<a <a <a ..."; after this linear pass each tag closes before the
+    next '<'."""
+    out: list[str] = []
+    lt, gt, close = _Finder(html, "<"), _Finder(html, ">"), _Finder(html, "-->")
+    n = len(html)
+    i = 0
+    while (j := lt.find(i)) >= 0:
+        out.append(html[i:j])
+        if html.startswith("<!--", j):
+            end = close.find(j + 4)
+            if end >= 0:
+                out.append(html[j : end + 3] if end - j <= MAX_COMMENT_CHARS else " ")
+                i = end + 3
+                continue
+        elif j + 1 < n and (html[j + 1].isalpha() or html[j + 1] in "/!?"):
+            end = gt.find(j + 1)
+            following = lt.find(j + 1)
+            if end >= 0 and (following < 0 or end < following):
+                out.append(html[j : end + 1] if end - j <= MAX_TAG_CHARS else " ")
+                i = end + 1
+                continue
+        out.append("&lt;")
+        i = j + 1
+    out.append(html[i:])
+    return "".join(out)
+
+
 def _collapse(text: str) -> str:
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
@@ -101,7 +152,7 @@ def html_to_text(html: str, *, max_chars: int = DEFAULT_MAX_TEXT_CHARS) -> str:
             return ""
         parser = _TextExtractor(limit=max_chars)
         try:
-            parser.feed(html[:MAX_HTML_INPUT_CHARS])
+            parser.feed(_tidy(html[:MAX_HTML_INPUT_CHARS]))
             parser.close()
         except Exception:  # html.parser can still trip on odd markup; keep what we have
             pass

@@ -1,9 +1,11 @@
 """Raw RFC 5322 / MIME messages to ParsedMessage: headers, bodies, attachments, snippet.
 
-Built on the stdlib email package (policy.default) and hardened for mail as it arrives:
-malformed headers, unknown charsets, broken transfer encodings, missing boundaries, 8-bit
-headers and plain garbage never raise. The parser fills what it can and records each problem
-in ParsedMessage.parse_warnings. Pure functions, no I/O.
+Built on the stdlib email package (compat32 for the MIME structure, policy.default for the
+header values it uses) and hardened for mail as it arrives: malformed headers, unknown
+charsets, broken transfer encodings, missing boundaries, 8-bit headers and plain garbage
+never raise. The parser fills what it can and records each problem in
+ParsedMessage.parse_warnings. Work is bounded (header lengths, MIME depth and part count, body
+characters), so hostile input cannot make it slow. Pure functions, no I/O.
 
 Part ids follow the IMAP section numbering (RFC 3501 6.4.5): the body of a single-part
 message is "1"; the children of a multipart are "1", "2", ...; nested multiparts add ".n".
@@ -126,7 +128,17 @@ class AttachmentInfo:
 
 @dataclass
 class ParsedMessage:
-    """Everything mailmesh reads out of one raw message."""
+    """Everything mailmesh reads out of one raw message.
+
+    Addresses keep their local part as written and have their domain lowercased; names are
+    RFC 2047 decoded. date is UTC (None if missing or invalid). Message ids carry no angle
+    brackets. text_body is the first text/plain body part (plus later unnamed text/plain
+    parts outside multipart/alternative, e.g. list footers), html_body the first text/html
+    one; neither is derived from the other. snippet comes from text_body, else from the HTML.
+    attachments lists every other leaf part that is not an alternative of the body, inline
+    images included; has_attachments is true for a part with Content-Disposition attachment,
+    a file name, or message/rfc822.
+    """
 
     subject: str = ""
     from_: list[MailAddress] = field(default_factory=list)
@@ -766,7 +778,11 @@ def parse_message(raw: bytes, *, max_body_chars: int = 1_000_000) -> ParsedMessa
 
 
 def get_attachment(raw: bytes, part_id: str) -> tuple[AttachmentInfo, bytes]:
-    """The AttachmentInfo and decoded octets of the leaf part part_id; NotFound if none."""
+    """The AttachmentInfo and decoded octets of the leaf part part_id; NotFound if none.
+
+    Any leaf part can be fetched, body parts included. A message/* part comes back as the
+    embedded message, its header lines as received, with CRLF line endings.
+    """
     if not isinstance(part_id, str) or not re.fullmatch(r"[1-9][0-9]{0,5}(\.[1-9][0-9]{0,5})*",
                                                           part_id):
         raise NotFound(f"no MIME part {str(part_id)[:40]!r} in this message")

@@ -127,6 +127,7 @@ def test_split_gives_canonical_parts() -> None:
         ("例子.测试", "xn--fsqu00a.xn--0zwm56d"),
         ("localhost", "localhost"),
         ("a-b.c-d.example", "a-b.c-d.example"),
+        ("Example.com.", "example.com"),
     ],
 )
 def test_validate_domain(domain: str, expected: str) -> None:
@@ -135,7 +136,7 @@ def test_validate_domain(domain: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "domain",
-    ["", ".", "a..b", "-a.com", "a-.com", "exa mple.com", "a_b.com", f"{'a' * 64}.com",
+    ["", ".", "..", "a..b", "example.com..", "-a.com", "a-.com", "exa mple.com", "a_b.com", f"{'a' * 64}.com",
      ".".join(["abcdefghi"] * 26), "example.123", "exa\u200bmple.com"],
 )
 def test_validate_domain_rejects(domain: str) -> None:
@@ -153,6 +154,7 @@ def test_validate_domain_rejects(domain: str) -> None:
         ('"say \\"hi\\"" <hi@example.com>', MailAddress('say "hi"', "hi@example.com")),
         ("=?utf-8?q?J=C3=B6rg?= <j@example.de>", MailAddress("Jörg", "j@example.de")),
         ("Jörg <jörg@Bücher.de>", MailAddress("Jörg", "jörg@bücher.de")),
+        ("Lit <u@[IPv6:2001:db8::1]>", MailAddress("Lit", "u@[IPv6:2001:db8::1]")),
         ("  spaced   name   <s@example.com>  ", MailAddress("spaced name", "s@example.com")),
     ],
 )
