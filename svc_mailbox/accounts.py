@@ -67,8 +67,7 @@ def list_domains(tr: Transaction, after: str, limit: int) -> list[types_pb2.Doma
     out = []
     for _, v in tr.get_range(begin, end, limit=limit):
         d = types_pb2.Domain.FromString(v)
-        b2, e2 = keys.g_range("acctdom", d.name)
-        d.accounts_total = len(tr.get_range(b2, e2, limit=100_000))
+        d.accounts_total = decode_counter(tr.get(keys.g("domctr", d.name)))
         out.append(d)
     return out
 
@@ -81,6 +80,10 @@ def create_account(tr: Transaction, req: pb.CreateAccountRequest, user_id: str, 
                    default_quota: int) -> types_pb2.Account:
     primary = address.canonical(req.email)
     local, domain = address.split(primary)
+    if req.quota_bytes < 0:
+        raise InvalidInput("quota_bytes must not be negative (0 uses the default)")
+    if len(req.display_name) > 200:
+        raise InvalidInput("display_name is longer than 200 characters")
     if not is_local_domain(tr, domain):
         raise NotFound(f"domain {domain} is not a local domain; add it first")
     if len(req.aliases) > MAX_ALIASES:
@@ -95,8 +98,6 @@ def create_account(tr: Transaction, req: pb.CreateAccountRequest, user_id: str, 
     for a in addrs:
         if tr.get(keys.g("addr", a)) is not None:
             raise AlreadyExists(f"address {a} already belongs to an account")
-    if len(req.display_name) > 200:
-        raise InvalidInput("display_name is longer than 200 characters")
     acct = types_pb2.Account(user_id=user_id, email=primary, display_name=req.display_name,
                              addresses=addrs, quota_bytes=req.quota_bytes or default_quota,
                              create_time=ts_from_us(now_us()))
@@ -104,6 +105,7 @@ def create_account(tr: Transaction, req: pb.CreateAccountRequest, user_id: str, 
         tr.set(keys.g("addr", a), user_id.encode())
     tr.set(keys.g("acct", primary), user_id.encode())
     tr.set(keys.g("acctdom", domain, primary), user_id.encode())
+    tr.add(keys.g("domctr", domain), 1)
     tr.set(keys.u(user_id, "acct"), acct.SerializeToString())
     tr.set(keys.u(user_id, "pw"), pw_hash.encode())
     labels.create_system_labels(MailTx(tr, user_id))
@@ -160,7 +162,8 @@ def resolve_recipient(tr: Transaction, addr: str, size: int) -> pb.ResolveRecipi
         return pb.ResolveRecipientResponse(
             resolution=pb.RECIPIENT_RESOLUTION_UNKNOWN_USER, canonical_address=canon)
     acct = load_account(tr, user)
-    if acct.quota_bytes and acct.used_bytes + max(size, 0) > acct.quota_bytes:
+    # an unknown size (0) still needs a byte: a mailbox filled to its quota takes nothing more
+    if acct.quota_bytes and acct.used_bytes + max(size, 1) > acct.quota_bytes:
         return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_OVER_QUOTA,
                                            user_id=user, canonical_address=canon)
     return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_LOCAL_USER,

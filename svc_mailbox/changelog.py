@@ -29,9 +29,11 @@ DIRTY_SCAN = 128
 def list_changes(tr: Transaction, *, user: str, since: int, limit: int) -> tuple[list[types_pb2.Change], int, bool]:
     highest = decode_counter(tr.get(keys.u(user, "ctr", "modseq")))
     floor = decode_counter(tr.get(keys.u(user, "ctr", "logfloor")))
-    if since < floor:
+    # entries below `floor` were trimmed: a reader needs since+1 onwards
+    if since + 1 < floor:
         raise FailedPrecondition(
-            f"changes before modseq {floor} are no longer kept; resynchronize from a full listing")
+            f"changes since modseq {since} are no longer kept (the changelog starts at modseq {floor}); "
+            "resynchronize from a full listing")
     begin = keys.u(user, "log", since + 1)
     _, end = keys.u_range(user, "log")
     rows = tr.get_range(begin, end, limit=limit + 1)
@@ -80,6 +82,10 @@ class EventsRelay:
                 log.warning("events relay: %s; retrying", exc.message)
                 await asyncio.sleep(1.0)
                 continue
+            except Exception:  # the relay must outlive any one failure; the changelog keeps the work
+                log.exception("events relay failed; retrying")
+                await asyncio.sleep(1.0)
+                continue
             if not busy:
                 try:
                     await asyncio.wait_for(self.hub.relay_wake.wait(), 0.5)
@@ -111,16 +117,21 @@ class EventsRelay:
         last = rows[-1][0] if rows else pos
 
         def commit(tr: Transaction) -> bool:
-            tr.set(keys.g("relay", user), encode_counter(last))
+            # never move the position back (another relay may have gone further meanwhile)
+            done = max(last, decode_counter(tr.get(keys.g("relay", user))))
+            tr.set(keys.g("relay", user), encode_counter(done))
             highest = decode_counter(tr.get(keys.u(user, "ctr", "modseq")))
             floor = decode_counter(tr.get(keys.u(user, "ctr", "logfloor")))
-            new_floor = last - self.retention
+            # only published entries are trimmed; `retention` of them stay for ListChanges
+            new_floor = done - self.retention
+            trimmed = True
             if new_floor > floor:
-                # bounded trim: at most RELAY_BATCH entries per pass
+                # bounded trim per pass; the user stays dirty until it is complete
                 stop_at = min(new_floor, floor + RELAY_BATCH * 4)
                 tr.clear_range(keys.u(user, "log", floor), keys.u(user, "log", stop_at))
                 tr.set(keys.u(user, "ctr", "logfloor"), encode_counter(stop_at))
-            if highest <= last:
+                trimmed = stop_at >= new_floor
+            if highest <= done and trimmed:
                 tr.clear(keys.g("dirty", user))
                 return False
             return True

@@ -2,9 +2,11 @@
 
 `apply(mtx, old, new)` compares a message before and after a change (either may be None) and
 updates: per-label list/unread/starred indexes (newest first by received time), per-label
-counters (total, unread, threads, UIDNEXT, HIGHESTMODSEQ), per-label UIDs, the thread's
-member index, per-(thread, label) stats and the thread list indexes, the mailbox totals and
-quota usage. List and unread filtering then cost O(page), never a scan.
+counters (total, unread, starred, threads, threads with unread / starred messages, UIDNEXT,
+HIGHESTMODSEQ), per-label UIDs, the thread's member indexes (all members, and per label), the
+per-(thread, label) stats and thread list indexes, the thread summary, the mailbox totals and
+quota usage. List and unread filtering then cost O(page), and a change costs O(labels of the
+message) however long its thread is: never a scan.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from svc_mailbox import keys
 from svc_mailbox.txn import MailTx
 
 SPAM, TRASH, STARRED = "SPAM", "TRASH", "STARRED"
+ANY = "*"  # pseudo-label of thread stats covering every member (SPAM and TRASH too)
 MAX_THREAD_SCAN = 5000
 
 _TL = struct.Struct(">qqqq")  # count, unread, starred, newest ts (µs)
@@ -38,9 +41,14 @@ def index_labels(msg: types_pb2.Message | None) -> set[str]:
 
 
 def apply(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | None,
-          change_type: types_pb2.ChangeType.ValueType) -> types_pb2.Change:
+          change_type: types_pb2.ChangeType.ValueType,
+          pending_threads: dict[str, set[str]] | None = None) -> types_pb2.Change:
     """Moves a message from `old` to `new` (same id; None = absent): writes the record, records
-    the change in the changelog (assigning its MODSEQ), and updates every index."""
+    the change in the changelog (assigning its MODSEQ), and updates every index.
+
+    The (thread, label) stats change by the message's own difference (never a walk over the
+    thread). The thread summary is refreshed right away, or, when a batch passes
+    `pending_threads`, collected there and refreshed once per thread by `refresh_threads`."""
     tr, user = mtx.tr, mtx.user
     msg_id = (new or old).id  # type: ignore[union-attr]
     old_l, new_l = index_labels(old), index_labels(new)
@@ -55,6 +63,7 @@ def apply(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | N
             mtx.add(-1, "lctr", label, "unread")
         if old.starred:
             tr.clear(keys.u(user, "lstr", label, old_ts, msg_id))
+            mtx.add(-1, "lctr", label, "starred")
         uid = old.uids.get(label)
         if uid:
             tr.clear(keys.u(user, "uid", label, uid))
@@ -74,6 +83,7 @@ def apply(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | N
             mtx.add(1, "lctr", label, "unread")
         if new.starred:
             tr.set(keys.u(user, "lstr", label, new_ts, msg_id), b"")
+            mtx.add(1, "lctr", label, "starred")
     for label in old_l & new_l:
         assert old is not None and new is not None
         if old.unread != new.unread or old_ts != new_ts:
@@ -87,6 +97,7 @@ def apply(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | N
                 tr.clear(keys.u(user, "lstr", label, old_ts, msg_id))
             if new.starred:
                 tr.set(keys.u(user, "lstr", label, new_ts, msg_id), b"")
+            mtx.add(int(new.starred) - int(old.starred), "lctr", label, "starred")
         if old_ts != new_ts:
             tr.clear(keys.u(user, "lidx", label, old_ts, msg_id))
             tr.set(keys.u(user, "lidx", label, new_ts, msg_id), b"")
@@ -109,20 +120,129 @@ def apply(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | N
     elif new is None and old is not None:
         mtx.add(-1, "ctr", "total")
         mtx.add(-old.size_estimate, "ctr", "used")
-    # threads
+    # threads: member index, per-(thread, label) stats and thread lists, then the summary
     old_thread = old.thread_id if old is not None else ""
     new_thread = new.thread_id if new is not None else ""
-    if old_thread and old_thread != new_thread:
+    if old_thread and (old_thread != new_thread or old_ts != new_ts):
         tr.clear(keys.u(user, "tmem", old_thread, old_ts, msg_id))
     if new_thread and (old_thread != new_thread or old_ts != new_ts):
-        if old_thread == new_thread:
-            tr.clear(keys.u(user, "tmem", old_thread, old_ts, msg_id))
         tr.set(keys.u(user, "tmem", new_thread, new_ts, msg_id), b"")
-    if old_thread and old_thread != new_thread:
-        refresh_thread(mtx, old_thread, old_l)
-    if new_thread:
-        refresh_thread(mtx, new_thread, old_l | new_l if old_thread == new_thread else new_l)
+    todo: dict[str, set[str]] = {} if pending_threads is None else pending_threads
+    _thread_stats(mtx, old, new, msg_id, todo)
+    if pending_threads is None:
+        refresh_threads(mtx, todo)
     return change
+
+
+def _contributions(m: types_pb2.Message | None) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(thread, label) → (unread, starred, ts) of what one message adds to thread stats."""
+    if m is None or not m.thread_id:
+        return {}
+    value = (int(m.unread), int(m.starred), ts_of(m))
+    return {(m.thread_id, label): value for label in index_labels(m) | {ANY}}
+
+
+def _newest(mtx: MailTx, thread_id: str, label: str) -> tuple[int, str] | None:
+    begin, end = keys.u_range(mtx.user, "tlm", thread_id, label)
+    rows = mtx.tr.get_range(begin, end, limit=1, reverse=True)
+    if not rows:
+        return None
+    t = keys.unpack(rows[0][0])
+    return int(t[-2]), str(t[-1])
+
+
+def _thread_stats(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Message | None, msg_id: str,
+                  touched: dict[str, set[str]]) -> None:
+    """Updates the (thread, label) stats by the difference one message makes: O(labels), never
+    a walk over the thread, however long it is."""
+    tr, user = mtx.tr, mtx.user
+    before, after = _contributions(old), _contributions(new)
+    for key in before.keys() | after.keys():
+        o, n = before.get(key), after.get(key)
+        if o == n:
+            continue
+        thread_id, label = key
+        if o is not None:
+            tr.clear(keys.u(user, "tlm", thread_id, label, o[2], msg_id))
+        if n is not None:
+            tr.set(keys.u(user, "tlm", thread_id, label, n[2], msg_id), b"")
+        raw = tr.get(keys.u(user, "tl", thread_id, label))
+        prev = _TL.unpack(raw) if raw else (0, 0, 0, 0)
+        count = prev[0] - (o is not None) + (n is not None)
+        unread = prev[1] - (o[0] if o else 0) + (n[0] if n else 0)
+        starred = prev[2] - (o[1] if o else 0) + (n[1] if n else 0)
+        newest = _newest(mtx, thread_id, label) if count else None
+        _store_stats(mtx, thread_id, label, prev, (count, unread, starred, newest[0] if newest else 0))
+        touched.setdefault(thread_id, set()).add(label)
+
+
+def _store_stats(mtx: MailTx, thread_id: str, label: str, prev: tuple[int, int, int, int],
+                 cur: tuple[int, int, int, int]) -> None:
+    """Writes (thread, label) stats and keeps the label's thread lists and counters in step."""
+    tr, user = mtx.tr, mtx.user
+    if prev == cur:
+        return
+    count, unread, starred, newest = cur
+    p_count, p_unread, p_starred, p_newest = prev
+    key = keys.u(user, "tl", thread_id, label)
+    if count:
+        tr.set(key, _TL.pack(*cur))
+    else:
+        tr.clear(key)
+    if label == ANY:
+        return  # the thread summary's own stats: not a listable label
+    if p_count:
+        tr.clear(keys.u(user, "tidx", label, p_newest, thread_id))
+        if p_unread:
+            tr.clear(keys.u(user, "tunr", label, p_newest, thread_id))
+        if p_starred:
+            tr.clear(keys.u(user, "tstr", label, p_newest, thread_id))
+    # threads in the label, and those with an unread / a starred message there
+    mtx.add(int(count > 0) - int(p_count > 0), "lctr", label, "threads")
+    mtx.add(int(count > 0 and unread > 0) - int(p_count > 0 and p_unread > 0), "lctr", label, "tunread")
+    mtx.add(int(count > 0 and starred > 0) - int(p_count > 0 and p_starred > 0), "lctr", label, "tstarred")
+    if count:
+        tr.set(keys.u(user, "tidx", label, newest, thread_id), b"")
+        if unread:
+            tr.set(keys.u(user, "tunr", label, newest, thread_id), b"")
+        if starred:
+            tr.set(keys.u(user, "tstr", label, newest, thread_id), b"")
+
+
+def refresh_threads(mtx: MailTx, pending: dict[str, set[str]]) -> None:
+    """Brings the summary (Thread record) of every thread a batch touched up to date: once per
+    thread, from its stats (see `apply`)."""
+    for thread_id in pending:
+        refresh_summary(mtx, thread_id)
+    pending.clear()
+
+
+def refresh_summary(mtx: MailTx, thread_id: str) -> None:
+    """The Thread record follows its members: count, unread, newest snippet and time, labels
+    (the union of its members' labels), history id. A thread left without members is removed."""
+    tr, user = mtx.tr, mtx.user
+    key = keys.u(user, "thr", thread_id)
+    raw = tr.get(key)
+    if raw is None:
+        return
+    stats = thread_label_stats(mtx, thread_id, ANY)
+    newest = _newest(mtx, thread_id, ANY) if stats else None
+    newest_raw = tr.get(keys.u(user, "msg", newest[1])) if newest else None
+    if stats is None or newest_raw is None:
+        tr.clear(key)
+        return
+    newest_msg = types_pb2.Message.FromString(newest_raw)
+    thread = types_pb2.Thread.FromString(raw)
+    thread.message_count = stats[0]
+    thread.unread = stats[1] > 0
+    thread.snippet = newest_msg.snippet
+    thread.last_message_time.CopyFrom(newest_msg.internal_date)
+    thread.history_id = max(thread.history_id, mtx.current_modseq())
+    begin, end = keys.u_range(user, "tl", thread_id)
+    in_labels = (str(keys.unpack(k)[-1]) for k, _ in tr.get_range(begin, end))
+    del thread.label_ids[:]
+    thread.label_ids.extend(sorted(lb for lb in in_labels if lb not in (ANY, keys.ALL)))
+    tr.set(key, thread.SerializeToString())
 
 
 def _u64(v: int) -> bytes:
@@ -142,63 +262,6 @@ def thread_members(mtx: MailTx, thread_id: str, limit: int = MAX_THREAD_SCAN) ->
         if raw is not None:
             out.append(types_pb2.Message.FromString(raw))
     return out
-
-
-def refresh_thread(mtx: MailTx, thread_id: str, labels: set[str]) -> None:
-    """Recomputes the (thread, label) stats and thread-list index entries for `labels`."""
-    tr, user = mtx.tr, mtx.user
-    members = thread_members(mtx, thread_id)
-    stats: dict[str, list[int]] = {label: [0, 0, 0, 0] for label in labels}
-    for m in members:
-        ts = ts_of(m)
-        for label in index_labels(m) & labels:
-            s = stats[label]
-            s[0] += 1
-            s[1] += int(m.unread)
-            s[2] += int(m.starred)
-            s[3] = max(s[3], ts)
-    for label, (count, unread, starred, newest) in stats.items():
-        key = keys.u(user, "tl", thread_id, label)
-        prev = tr.get(key)
-        if prev is not None:
-            p_count, p_unread, p_starred, p_newest = _TL.unpack(prev)
-            if (p_count, p_unread, p_starred, p_newest) == (count, unread, starred, newest):
-                continue
-            tr.clear(keys.u(user, "tidx", label, p_newest, thread_id))
-            if p_unread:
-                tr.clear(keys.u(user, "tunr", label, p_newest, thread_id))
-            if p_starred:
-                tr.clear(keys.u(user, "tstr", label, p_newest, thread_id))
-            if not count:
-                mtx.add(-1, "lctr", label, "threads")
-        elif count:
-            mtx.add(1, "lctr", label, "threads")
-        if not count:
-            tr.clear(key)
-            continue
-        tr.set(key, _TL.pack(count, unread, starred, newest))
-        tr.set(keys.u(user, "tidx", label, newest, thread_id), b"")
-        if unread:
-            tr.set(keys.u(user, "tunr", label, newest, thread_id), b"")
-        if starred:
-            tr.set(keys.u(user, "tstr", label, newest, thread_id), b"")
-    # the thread summary follows its members
-    raw = tr.get(keys.u(user, "thr", thread_id))
-    if raw is None:
-        return
-    thread = types_pb2.Thread.FromString(raw)
-    if not members:
-        tr.clear(keys.u(user, "thr", thread_id))
-        return
-    newest_msg = max(members, key=ts_of)
-    thread.message_count = len(members)
-    thread.snippet = newest_msg.snippet
-    thread.history_id = max(m.history_id for m in members)
-    thread.last_message_time.CopyFrom(newest_msg.internal_date)
-    thread.unread = any(m.unread for m in members)
-    del thread.label_ids[:]
-    thread.label_ids.extend(sorted({lb for m in members for lb in m.label_ids}))
-    tr.set(keys.u(user, "thr", thread_id), thread.SerializeToString())
 
 
 def thread_label_stats(mtx: MailTx, thread_id: str, label: str) -> tuple[int, int, int, int] | None:

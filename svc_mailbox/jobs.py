@@ -49,6 +49,7 @@ def step(mtx: MailTx, job_id: str) -> tuple[bool, int]:
     begin, end = keys.u_range(mtx.user, "lidx", label)
     rows = tr.get_range(begin, end, limit=BATCH)
     done = 0
+    pending: dict[str, set[str]] = {}  # threads touched: their stats are recomputed once
     for k, _ in rows:
         msg_id = str(keys.unpack(k)[-1])
         rec = tr.get(keys.u(mtx.user, "msg", msg_id))
@@ -56,15 +57,16 @@ def step(mtx: MailTx, job_id: str) -> tuple[bool, int]:
             tr.clear(k)
             continue
         if job["kind"] == "empty":
-            messages.delete(mtx, msg_id)
+            messages.delete(mtx, msg_id, pending)
         else:
             old = types_pb2.Message.FromString(rec)
             new = types_pb2.Message()
             new.CopyFrom(old)
             del new.label_ids[:]
             new.label_ids.extend(lb for lb in old.label_ids if lb != label)
-            index.apply(mtx, old, new, types_pb2.CHANGE_TYPE_LABELS_CHANGED)
+            index.apply(mtx, old, new, types_pb2.CHANGE_TYPE_LABELS_CHANGED, pending)
         done += 1
+    index.refresh_threads(mtx, pending)
     if len(rows) < BATCH:
         if job["kind"] == "delete_label":
             for sub in ("lctr", "uid", "lidx", "lunr", "lstr", "tidx", "tunr", "tstr"):

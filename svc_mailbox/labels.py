@@ -115,7 +115,9 @@ def rename(mtx: MailTx, label_id: str, new_name: str) -> types_pb2.Label:
     if holder is not None and holder.decode() != label_id:
         raise AlreadyExists(f"a label named {new_name!r} already exists")
     moves: list[tuple[types_pb2.Label, str]] = [(label, new_name)]
-    for other in list_all(mtx):
+    begin, end = keys.u_range(mtx.user, "lbl")
+    for _, raw in tr.get_range(begin, end):  # records only: no counters needed here
+        other = types_pb2.Label.FromString(raw)
         if other.type == LABEL_TYPE.LABEL_TYPE_USER and other.name.startswith(old_name + "/"):
             moves.append((other, new_name + other.name[len(old_name):]))
     for lb, _ in moves:

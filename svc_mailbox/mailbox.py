@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import secrets
 from collections import OrderedDict
@@ -15,12 +16,12 @@ from typing import TypeVar
 from mailmesh.v1 import mailbox_service_pb2 as pb
 from mailmesh.v1 import types_pb2
 
-from mailmesh_common import mime, telemetry
+from mailmesh_common import address, blobstore, mime, telemetry
 from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, Unauthenticated
 from mailmesh_common.kv import Database, Transaction
-from svc_mailbox import accounts, changelog, jobs, keys, labels, messages
+from svc_mailbox import accounts, changelog, index, jobs, keys, labels, messages
 from svc_mailbox.changelog import ChangeHub
 from svc_mailbox.pagetoken import Cursor, PageTokens
 from svc_mailbox.txn import MailTx, now_us
@@ -30,6 +31,10 @@ T = TypeVar("T")
 
 DEFAULT_PAGE = 50
 ATTACHMENT_CHUNK = 64 * 1024
+PARSED_CACHE_ENTRIES = 256
+PARSED_CACHE_BYTES = 64 * 1024 * 1024
+BLOB_LOCK_STRIPES = 64
+MAX_UID_SCAN = 5000  # UID entries ListLabelUids examines per call when filtering by CHANGEDSINCE
 MINIMAL_FIELDS = ("id", "thread_id", "label_ids", "unread", "starred", "keywords", "snippet", "size_estimate",
                   "internal_date", "history_id", "uids", "blob_ref", "spam_score", "parse_warnings")
 
@@ -40,6 +45,13 @@ def page_size(value: int, default: int = DEFAULT_PAGE, maximum: int = messages.M
     if value < 0:
         raise InvalidInput("page_size must not be negative")
     return min(value or default, maximum)
+
+
+def check_format(fmt: int) -> int:
+    """The requested MessageFormat (UNSPECIFIED means METADATA); InvalidInput for unknown values."""
+    if fmt not in types_pb2.MessageFormat.values():
+        raise InvalidInput(f"format: unknown message format {fmt}")
+    return fmt or types_pb2.MESSAGE_FORMAT_METADATA
 
 
 def render(m: types_pb2.Message, fmt: int) -> types_pb2.Message:
@@ -67,6 +79,11 @@ class Mailbox:
         self.hub = hub or ChangeHub()
         self.tokens = PageTokens(settings.token())
         self._parsed: OrderedDict[str, mime.ParsedMessage] = OrderedDict()
+        self._parsed_bytes = 0
+        # A blob is referenced by a committed count; a writer holds its ref's lock from storing
+        # the blob until its count is committed, a deleter from re-checking the count until the
+        # file is gone, so a blob can never be deleted under a message that is being added.
+        self._blob_locks = [asyncio.Lock() for _ in range(BLOB_LOCK_STRIPES)]
 
     # --- transactions -----------------------------------------------------------------------
     async def write(self, user: str, fn: Callable[[MailTx], T]) -> T:
@@ -84,11 +101,21 @@ class Mailbox:
         if mtx.changes:
             self.hub.notify(user)
         for ref in mtx.blobs_to_delete:
+            await self._drop_blob(ref)
+        return result
+
+    def blob_lock(self, ref: str) -> asyncio.Lock:
+        return self._blob_locks[int(ref[:8], 16) % BLOB_LOCK_STRIPES]
+
+    async def _drop_blob(self, ref: str) -> None:
+        """Deletes a blob whose reference count went to zero, unless it was referenced again."""
+        async with self.blob_lock(ref):
             try:
-                await self.blobs.delete(ref)
+                referenced = await self.db.run(lambda tr: tr.get(keys.g("blob", ref)) is not None, readonly=True)
+                if not referenced:
+                    await self.blobs.delete(ref)
             except Exception:  # a leftover blob wastes space but loses nothing
                 log.warning("could not delete unreferenced blob %s", ref)
-        return result
 
     async def read(self, user: str, fn: Callable[[MailTx], T]) -> T:
         return await self.db.run(lambda tr: fn(MailTx(tr, user)), readonly=True)
@@ -109,8 +136,12 @@ class Mailbox:
         parsed = await asyncio.to_thread(mime.parse_message, raw)
         parsed.size = len(raw)
         self._parsed[blob_ref] = parsed
-        while len(self._parsed) > 256:
-            self._parsed.popitem(last=False)
+        self._parsed_bytes += parsed.size
+        # bounded by entries and by the raw bytes they came from (bodies are at most that big)
+        while len(self._parsed) > PARSED_CACHE_ENTRIES or (
+                self._parsed_bytes > PARSED_CACHE_BYTES and len(self._parsed) > 1):
+            _, evicted = self._parsed.popitem(last=False)
+            self._parsed_bytes -= evicted.size
         return parsed, len(raw)
 
     async def new_message(self, blob_ref: str, raw: bytes | None, *, label_ids: list[str], unread: bool,
@@ -188,24 +219,38 @@ class Mailbox:
             raise InvalidInput("ingest_id must be 1..200 characters")
         await self.require_user(user)
         label = "SPAM" if target == pb.DELIVERY_TARGET_SPAM else "INBOX"
-        new = await self.new_message(blob_ref, None, label_ids=[label], unread=True, internal_us=received_us,
-                                     spam_score=spam_score)
-        return await self.write(user, lambda m: messages.deliver(m, ingest_id, new, enforce_quota=enforce_quota))
+        blobstore.validate_ref(blob_ref)
+        async with self.blob_lock(blob_ref):  # the blob cannot be dropped until this reference commits
+            if not await self.blobs.exists(blob_ref):
+                raise NotFound(f"blob {blob_ref} not found")
+            new = await self.new_message(blob_ref, None, label_ids=[label], unread=True, internal_us=received_us,
+                                         spam_score=spam_score)
+            return await self.write(user, lambda m: messages.deliver(m, ingest_id, new, enforce_quota=enforce_quota))
 
     async def append(self, user: str, req: pb.AppendMessageRequest) -> types_pb2.Message:
         if not req.raw:
             raise InvalidInput("raw must not be empty")
         if len(req.raw) > self.settings.max_message_bytes:
             raise LimitExceeded(f"message is larger than {self.settings.max_message_bytes} bytes")
+        if len(req.idempotency_key) > 200:
+            raise InvalidInput("idempotency_key is longer than 200 characters")
+        keywords = messages.merge_keywords([messages.check_keyword(k) for k in req.keywords])
+        if len(req.track_recipients) > messages.MAX_ADDRESSES:
+            raise InvalidInput(f"at most {messages.MAX_ADDRESSES} track_recipients")
+        for rcpt in req.track_recipients:
+            if not address.is_valid_mailbox(rcpt):
+                raise InvalidInput(f"track_recipients: {rcpt[:100]!r} is not an address")
         await self.require_user(user)
         label_ids = await self.read(user, lambda m: labels.resolve_ids(m, list(req.label_ids), field="label_ids"))
-        blob_ref = await self.blobs.put(req.raw)
-        internal = (req.internal_date.seconds * 1_000_000 + req.internal_date.nanos // 1000
-                    if req.HasField("internal_date") else 0)
-        new = await self.new_message(blob_ref, req.raw, label_ids=label_ids, unread=req.unread,
-                                     starred=req.starred, keywords=list(req.keywords), internal_us=internal,
-                                     recipients=list(req.track_recipients))
-        return await self.write(user, lambda m: messages.append(m, new, req.idempotency_key))
+        internal = messages.timestamp_us(req.internal_date, "internal_date") if req.HasField("internal_date") else 0
+        blob_ref = await asyncio.to_thread(lambda: hashlib.sha256(req.raw).hexdigest())
+        async with self.blob_lock(blob_ref):
+            stored = await self.blobs.put(req.raw)
+            assert stored == blob_ref
+            new = await self.new_message(blob_ref, req.raw, label_ids=label_ids, unread=req.unread,
+                                         starred=req.starred, keywords=keywords, internal_us=internal,
+                                         recipients=list(req.track_recipients))
+            return await self.write(user, lambda m: messages.append(m, new, req.idempotency_key))
 
     # --- labels ---------------------------------------------------------------------------------
     async def list_labels(self, user: str) -> list[types_pb2.Label]:
@@ -220,10 +265,10 @@ class Mailbox:
         return await self.write(user, lambda m: labels.create(m, name))
 
     async def rename_label(self, user: str, label_id: str, name: str) -> types_pb2.Label:
-        return await self.write(user, lambda m: labels.rename(m, label_id, name))
+        return await self.write(user, lambda m: labels.rename(m, _label_id(label_id), name))
 
     async def delete_label(self, user: str, label_id: str) -> None:
-        job = await self.write(user, lambda m: jobs.start_delete_label(m, label_id))
+        job = await self.write(user, lambda m: jobs.start_delete_label(m, _label_id(label_id)))
         await self.run_job(user, job)
 
     async def empty_label(self, user: str, label_id: str) -> int:
@@ -246,31 +291,33 @@ class Mailbox:
     # --- reading --------------------------------------------------------------------------------
     async def list_messages(self, user: str, req: pb.ListMessagesRequest) -> pb.ListMessagesResponse:
         n = page_size(req.page_size)
-        scope = f"m:{req.label_id}:{int(req.unread_only)}:{int(req.starred_only)}"
+        fmt = check_format(req.format)
+        if fmt not in (types_pb2.MESSAGE_FORMAT_MINIMAL, types_pb2.MESSAGE_FORMAT_METADATA):
+            raise InvalidInput("format: ListMessages supports the MINIMAL and METADATA formats")
+        label = messages.canonical_label(req.label_id)
+        scope = f"m:{label}:{int(req.unread_only)}:{int(req.starred_only)}"
         cursor = self.tokens.decode(req.page_token, user, scope)
         await self.require_user(user)
         items, nxt, total, _ = await self.read(
-            user, lambda m: messages.list_messages(m, req.label_id, req.unread_only, req.starred_only, n, cursor))
-        fmt = req.format or types_pb2.MESSAGE_FORMAT_METADATA
-        if fmt not in (types_pb2.MESSAGE_FORMAT_MINIMAL, types_pb2.MESSAGE_FORMAT_METADATA):
-            raise InvalidInput("ListMessages supports the MINIMAL and METADATA formats")
+            user, lambda m: messages.list_messages(m, label, req.unread_only, req.starred_only, n, cursor))
         return pb.ListMessagesResponse(messages=[render(x, fmt) for x in items],
                                        next_page_token=self.tokens.encode(user, scope, nxt),
                                        result_size_estimate=total)
 
     async def list_threads(self, user: str, req: pb.ListThreadsRequest) -> pb.ListThreadsResponse:
         n = page_size(req.page_size)
-        scope = f"t:{req.label_id}:{int(req.unread_only)}:{int(req.starred_only)}"
+        label = messages.canonical_label(req.label_id)
+        scope = f"t:{label}:{int(req.unread_only)}:{int(req.starred_only)}"
         cursor = self.tokens.decode(req.page_token, user, scope)
         await self.require_user(user)
         items, nxt, total, _ = await self.read(
-            user, lambda m: messages.list_threads(m, req.label_id, req.unread_only, req.starred_only, n, cursor))
+            user, lambda m: messages.list_threads(m, label, req.unread_only, req.starred_only, n, cursor))
         return pb.ListThreadsResponse(threads=items, next_page_token=self.tokens.encode(user, scope, nxt),
                                       result_size_estimate=total)
 
     async def get_message(self, user: str, msg_id: str, fmt: int) -> types_pb2.Message:
+        fmt = check_format(fmt)
         m = await self.read(user, lambda t: messages.load(t, msg_id))
-        fmt = fmt or types_pb2.MESSAGE_FORMAT_METADATA
         if fmt == types_pb2.MESSAGE_FORMAT_FULL:
             parsed, _ = await self.parsed(m.blob_ref)
             m.text_body = parsed.text_body
@@ -297,8 +344,8 @@ class Mailbox:
             yield pb.GetAttachmentResponse(data=data[off:off + ATTACHMENT_CHUNK])
 
     async def get_thread(self, user: str, thread_id: str, fmt: int) -> types_pb2.Thread:
+        fmt = check_format(fmt)
         thread, members = await self.read(user, lambda m: messages.get_thread(m, thread_id))
-        fmt = fmt or types_pb2.MESSAGE_FORMAT_METADATA
         if fmt == types_pb2.MESSAGE_FORMAT_FULL:
             thread.messages.extend([await self.get_message(user, m.id, fmt) for m in members])
         else:
@@ -327,15 +374,19 @@ class Mailbox:
     async def update_delivery_status(self, user: str, msg_id: str,
                                      updates: list[types_pb2.RecipientStatus]) -> types_pb2.Message:
         def fn(mtx: MailTx) -> types_pb2.Message:
-            msg = messages.load(mtx, msg_id)
+            old = messages.load(mtx, msg_id)
+            msg = types_pb2.Message()
+            msg.CopyFrom(old)
             by_email = {r.email.lower(): r for r in msg.recipients}
             for up in updates:
                 cur = by_email.get(up.email.lower())
                 if cur is None:
                     raise NotFound(f"{up.email} is not a tracked recipient of this message")
                 cur.CopyFrom(up)
-            mtx.change(types_pb2.CHANGE_TYPE_DELIVERY_UPDATED, message=msg)
-            mtx.tr.set(keys.u(user, "msg", msg_id), msg.SerializeToString())
+            if msg == old:
+                return old
+            # through the index: the labels' HIGHESTMODSEQ must cover the message's new modseq
+            index.apply(mtx, old, msg, types_pb2.CHANGE_TYPE_DELIVERY_UPDATED)
             return msg
 
         return await self.write(user, fn)
@@ -369,6 +420,10 @@ class Mailbox:
             self.hub.unsubscribe(user, ev)
 
     async def list_label_uids(self, user: str, req: pb.ListLabelUidsRequest, label_id: str) -> pb.ListLabelUidsResponse:
+        """Entries of a label's UID range in UID order. With changed_since, unchanged messages are
+        left out; one call examines at most MAX_UID_SCAN UIDs, and when it stops there it still
+        returns the last UID it examined (its modseq shows it is unchanged), so `has_more` always
+        comes with an entry to continue after."""
         n = page_size(req.page_size, 1000, 10_000)
         lo = max(req.uid_min, 1)
         hi = req.uid_max or 0xFFFFFFFF
@@ -377,22 +432,43 @@ class Mailbox:
 
         def fn(mtx: MailTx) -> pb.ListLabelUidsResponse:
             label = labels.load(mtx, _label_id(label_id))
-            begin = keys.u(user, "uid", label.id, lo)
-            end = keys.u(user, "uid", label.id, hi + 1)
-            rows = mtx.tr.get_range(begin, end, limit=n + 1)
-            out = pb.ListLabelUidsResponse(label=label, has_more=len(rows) > n)
-            for k, v in rows[:n]:
-                raw = mtx.tr.get(keys.u(user, "msg", v.decode()))
-                if raw is None:
-                    continue
-                m = types_pb2.Message.FromString(raw)
-                if req.changed_since and m.history_id <= req.changed_since:
-                    continue
-                e = out.entries.add(uid=int(keys.unpack(k)[-1]), message_id=m.id, modseq=m.history_id,
-                                    unread=m.unread, starred=m.starred, keywords=m.keywords, size=m.size_estimate)
-                e.internal_date.CopyFrom(m.internal_date)
-            return out
+            out = pb.ListLabelUidsResponse(label=label)
 
+            def add(uid: int, m: types_pb2.Message) -> None:
+                e = out.entries.add(uid=uid, message_id=m.id, modseq=m.history_id, unread=m.unread,
+                                    starred=m.starred, keywords=m.keywords, size=m.size_estimate)
+                e.internal_date.CopyFrom(m.internal_date)
+
+            end = keys.u(user, "uid", label.id, hi + 1)
+            pos, scanned = lo, 0
+            skipped: tuple[int, types_pb2.Message] | None = None  # the last examined, not returned
+            while True:
+                limit = n - len(out.entries) + 1  # one more than needed: tells whether more follow
+                rows = mtx.tr.get_range(keys.u(user, "uid", label.id, pos), end, limit=limit)
+                for k, v in rows:
+                    if len(out.entries) == n:
+                        out.has_more = True
+                        return out
+                    uid = int(keys.unpack(k)[-1])
+                    pos, scanned = uid + 1, scanned + 1
+                    raw = mtx.tr.get(keys.u(user, "msg", v.decode()))
+                    if raw is None:
+                        continue
+                    m = types_pb2.Message.FromString(raw)
+                    if req.changed_since and m.history_id <= req.changed_since:
+                        skipped = (uid, m)
+                        continue
+                    skipped = None
+                    add(uid, m)
+                if len(rows) < limit:
+                    return out
+                if scanned >= MAX_UID_SCAN:
+                    out.has_more = True
+                    if skipped is not None:
+                        add(*skipped)
+                    return out
+
+        await self.require_user(user)
         return await self.read(user, fn)
 
 

@@ -3,9 +3,11 @@ flags, trash and delete forever. All functions run inside one KV transaction (`M
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from mailmesh.v1 import types_pb2
 
 from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, QuotaExceeded
@@ -19,8 +21,19 @@ MAX_BATCH = 1000
 MAX_PAGE = 500
 MAX_ADDRESSES = 200
 MAX_REFERENCES = 100
-FLAG_KEYWORDS_RESERVED = {"\\seen", "\\flagged", "\\recent"}
+# IMAP system flags kept as keywords (canonical spelling); \Seen and \Flagged are the unread
+# and starred states, \Recent is the server's own
+SYSTEM_FLAGS = {"\\answered": "\\Answered", "\\deleted": "\\Deleted", "\\draft": "\\Draft"}
+STATE_FLAGS = {"\\seen": "unread", "\\flagged": "starred"}
+ATOM_SPECIALS = frozenset('(){ %*"\\]')
 MAX_KEYWORDS = 64
+MAX_KEYWORD_LENGTH = 100
+# google.protobuf.Timestamp's range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
+MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
+MAX_SCAN = 2000  # index entries a filtering list walk examines per page
+LIST_THREAD_MESSAGES = 20  # message summaries per thread in ListThreads (GetThread has them all)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,7 +80,7 @@ def build_record(msg_id: str, new: NewMessage) -> types_pb2.Message:
         labs.append("STARRED")
     m.starred = "STARRED" in labs
     m.label_ids.extend(labs)
-    m.keywords.extend(sorted(set(new.keywords))[:MAX_KEYWORDS])
+    m.keywords.extend(merge_keywords(new.keywords))
     for rcpt in new.recipients[:MAX_ADDRESSES]:
         m.recipients.add(email=rcpt, state=types_pb2.RECIPIENT_STATE_QUEUED,
                          updated_time=ts_from_us(new.internal_us))
@@ -149,12 +162,40 @@ def _set_labels(m: types_pb2.Message, new_labels: list[str]) -> None:
     m.starred = "STARRED" in new_labels
 
 
-def _check_keyword(kw: str) -> str:
-    if not kw or len(kw) > 100 or any(c in kw for c in ' (){%*"\\]') and not kw.startswith("\\"):
-        raise InvalidInput(f"invalid keyword {kw!r}")
-    if kw.lower() in FLAG_KEYWORDS_RESERVED:
-        raise InvalidInput(f"{kw!r} is set through unread/starred, not as a keyword")
+def check_keyword(kw: str) -> str:
+    """An IMAP keyword (an atom, matched case-insensitively) or one of the system flags
+    \\Answered, \\Deleted, \\Draft (returned in their canonical spelling)."""
+    if kw.startswith("\\"):
+        low = kw.lower()
+        if low in STATE_FLAGS:
+            raise InvalidInput(f"{kw!r} is set through {STATE_FLAGS[low]}, not as a keyword")
+        if low in SYSTEM_FLAGS:
+            return SYSTEM_FLAGS[low]
+        raise InvalidInput(f"invalid keyword {kw[:MAX_KEYWORD_LENGTH]!r}: "
+                           "the system flags kept as keywords are \\Answered, \\Deleted and \\Draft")
+    if not kw or len(kw) > MAX_KEYWORD_LENGTH or any(c in ATOM_SPECIALS or not "!" <= c <= "~" for c in kw):
+        raise InvalidInput(f"invalid keyword {kw[:MAX_KEYWORD_LENGTH]!r}: 1..{MAX_KEYWORD_LENGTH} printable "
+                           "ASCII characters without spaces or ( ) { % * \" \\ ]")
     return kw
+
+
+def merge_keywords(current: Sequence[str], add: Sequence[str] = (), remove: Sequence[str] = ()) -> list[str]:
+    """Keywords after adding and removing some (case-insensitively; removal wins), sorted."""
+    out: dict[str, str] = {}
+    for k in (*current, *add):
+        out.setdefault(k.casefold(), k)
+    for k in remove:
+        out.pop(k.casefold(), None)
+    if len(out) > MAX_KEYWORDS:
+        raise LimitExceeded(f"at most {MAX_KEYWORDS} keywords per message")
+    return sorted(out.values())
+
+
+def timestamp_us(ts: Timestamp, field: str) -> int:
+    """Microseconds of a client's timestamp; InvalidInput outside google.protobuf.Timestamp's range."""
+    if not MIN_SECONDS <= ts.seconds <= MAX_SECONDS or not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidInput(f"{field} is not a valid timestamp (years 1..9999, nanos 0..999999999)")
+    return int(ts.seconds * 1_000_000 + ts.nanos // 1000)
 
 
 def modify(mtx: MailTx, ids: Sequence[str], add_labels: Sequence[str], remove_labels: Sequence[str],
@@ -183,10 +224,11 @@ def modify(mtx: MailTx, ids: Sequence[str], add_labels: Sequence[str], remove_la
         rem_ids.append("STARRED") if "STARRED" not in rem_ids else None
     if "STARRED" in add_ids and "STARRED" in rem_ids:
         raise InvalidInput("starred is both set and cleared")
-    kw_add = [_check_keyword(k) for k in add_kw]
-    kw_rem = [_check_keyword(k) for k in remove_kw]
+    kw_add = [check_keyword(k) for k in add_kw]
+    kw_rem = [check_keyword(k) for k in remove_kw]
     out: list[types_pb2.Message] = []
     skipped: list[str] = []
+    pending: dict[str, set[str]] = {}
     for msg_id in dict.fromkeys(ids):
         old = load(mtx, msg_id)
         if unchanged_since and old.history_id > unchanged_since:
@@ -200,20 +242,21 @@ def modify(mtx: MailTx, ids: Sequence[str], add_labels: Sequence[str], remove_la
             _to_trash(new, next_labels)
         else:
             _set_labels(new, next_labels)
+            if "TRASH" not in next_labels:
+                del new.trashed_from_label_ids[:]  # only meaningful while in TRASH
         if unread is not None:
             new.unread = unread
-        kws = (set(new.keywords) | set(kw_add)) - set(kw_rem)
-        if len(kws) > MAX_KEYWORDS:
-            raise LimitExceeded(f"at most {MAX_KEYWORDS} keywords per message")
+        kws = merge_keywords(new.keywords, kw_add, kw_rem)
         del new.keywords[:]
-        new.keywords.extend(sorted(kws))
+        new.keywords.extend(kws)
         if new == old:
             out.append(old)
             continue
         kind = (types_pb2.CHANGE_TYPE_LABELS_CHANGED if list(new.label_ids) != list(old.label_ids)
                 else types_pb2.CHANGE_TYPE_FLAGS_CHANGED)
-        index.apply(mtx, old, new, kind)
+        index.apply(mtx, old, new, kind, pending)
         out.append(new)
+    index.refresh_threads(mtx, pending)
     return out, skipped
 
 
@@ -239,9 +282,9 @@ def untrash(mtx: MailTx, msg_id: str) -> types_pb2.Message:
     if "TRASH" not in old.label_ids:
         return old
     new = _copy(old)
+    # back where it was; a message trashed from All Mail only (archived) goes back there, and
+    # labels deleted meanwhile are not restored
     restored = [lb for lb in old.trashed_from_label_ids if labels.exists(mtx, lb)]
-    if not restored:
-        restored = ["INBOX"]
     keep = [lb for lb in old.label_ids if lb != "TRASH"]
     _set_labels(new, keep + [lb for lb in restored if lb not in keep])
     del new.trashed_from_label_ids[:]
@@ -249,10 +292,10 @@ def untrash(mtx: MailTx, msg_id: str) -> types_pb2.Message:
     return new
 
 
-def delete(mtx: MailTx, msg_id: str) -> types_pb2.Message:
+def delete(mtx: MailTx, msg_id: str, pending_threads: dict[str, set[str]] | None = None) -> types_pb2.Message:
     """Deletes forever; drops the blob when no other message references it (after commit)."""
     old = load(mtx, msg_id)
-    index.apply(mtx, old, None, types_pb2.CHANGE_TYPE_MESSAGE_DELETED)
+    index.apply(mtx, old, None, types_pb2.CHANGE_TYPE_MESSAGE_DELETED, pending_threads)
     blob_key = keys.g("blob", old.blob_ref)
     mtx.tr.add(blob_key, -1)
     if decode_counter(mtx.tr.get(blob_key)) <= 0:
@@ -270,77 +313,123 @@ def _index_for(unread_only: bool, starred_only: bool, threads_: bool) -> str:
     return prefix + "idx"
 
 
+def canonical_label(label_id: str) -> str:
+    """The label a listing names: "" (or "ALL", "ALL_MAIL") is All Mail; system labels in any case."""
+    up = label_id.upper()
+    if not label_id or up in ("ALL", "ALL_MAIL"):
+        return keys.ALL
+    if up in labels.SYSTEM_LABELS:
+        return up
+    return label_id
+
+
 def label_for_list(mtx: MailTx, label_id: str) -> str:
-    if not label_id:
-        return keys.ALL
-    canon = label_id.upper() if label_id.upper() in labels.SYSTEM_LABELS else label_id
-    if canon.upper() in ("ALL", "ALL_MAIL"):
-        return keys.ALL
-    if not labels.exists(mtx, canon):
+    label = canonical_label(label_id)
+    if not labels.exists(mtx, label):
         raise NotFound(f"label {label_id!r} not found")
-    return canon
+    return label
 
 
-def page_keys(mtx: MailTx, label: str, idx: str, page_size: int, cursor: Cursor | None,
-              extra_filter: bool = False) -> tuple[list[tuple[int, str]], Cursor | None]:
-    """Reads one page of (ts, id) from a newest-first index; O(page)."""
+def _rows(mtx: MailTx, idx: str, label: str, before: Cursor | None, limit: int) -> list[tuple[int, str]]:
     begin, end = keys.u_range(mtx.user, idx, label)
-    if cursor is not None:
-        end = keys.u(mtx.user, idx, label, cursor.ts, cursor.id)
-    rows = mtx.tr.get_range(begin, end, limit=page_size + 1, reverse=True)
-    items = [(int(keys.unpack(k)[-2]), str(keys.unpack(k)[-1])) for k, _ in rows]
-    nxt = None
-    if len(items) > page_size:
-        items = items[:page_size]
-        nxt = Cursor(ts=items[-1][0], id=items[-1][1])
-    return items, nxt
+    if before is not None:
+        end = keys.u(mtx.user, idx, label, before.ts, before.id)
+    rows = mtx.tr.get_range(begin, end, limit=limit, reverse=True)
+    return [(int(keys.unpack(k)[-2]), str(keys.unpack(k)[-1])) for k, _ in rows]
+
+
+def page(mtx: MailTx, idx: str, label: str, page_size: int, cursor: Cursor | None,
+         keep: Callable[[str], T | None]) -> tuple[list[T], Cursor | None]:
+    """One page from a newest-first (ts, id) index: the items `keep` returns (None skips an
+    entry), and the cursor to continue from (None on the last page). Reads O(page) entries when
+    nothing is skipped; a filtering walk stops after MAX_SCAN entries and returns what it found
+    with a cursor, so one call is always bounded."""
+    out: list[T] = []
+    pos = cursor
+    scanned = 0
+    while True:
+        limit = page_size - len(out) + 1  # one more than needed: tells whether more follow
+        rows = _rows(mtx, idx, label, pos, limit)
+        for ts, item_id in rows:
+            if len(out) == page_size:
+                return out, pos
+            pos = Cursor(ts=ts, id=item_id)
+            scanned += 1
+            item = keep(item_id)
+            if item is not None:
+                out.append(item)
+        if len(rows) < limit:
+            return out, None
+        if scanned >= MAX_SCAN:
+            return out, pos
 
 
 def list_messages(mtx: MailTx, label_id: str, unread_only: bool, starred_only: bool, page_size: int,
                   cursor: Cursor | None) -> tuple[list[types_pb2.Message], Cursor | None, int, str]:
     label = label_for_list(mtx, label_id)
-    idx = _index_for(unread_only, starred_only, False)
-    out: list[types_pb2.Message] = []
-    nxt = cursor
-    # both filters: walk the unread index and keep starred ones (bounded number of index reads)
-    for _ in range(20):
-        items, nxt = page_keys(mtx, label, idx, page_size - len(out), nxt)
-        for _, msg_id in items:
-            raw = mtx.tr.get(keys.u(mtx.user, "msg", msg_id))
-            if raw is None:
-                continue
-            m = types_pb2.Message.FromString(raw)
-            if unread_only and starred_only and not m.starred:
-                continue
-            out.append(m)
-        if nxt is None or len(out) >= page_size:
-            break
-    counter = "unread" if unread_only else "total"
-    total = decode_counter(mtx.tr.get(keys.u(mtx.user, "lctr", label, counter)))
+
+    def keep(msg_id: str) -> types_pb2.Message | None:
+        raw = mtx.tr.get(keys.u(mtx.user, "msg", msg_id))
+        if raw is None:
+            return None
+        m = types_pb2.Message.FromString(raw)
+        # both filters: the unread index is walked and starred messages kept
+        return None if unread_only and starred_only and not m.starred else m
+
+    out, nxt = page(mtx, _index_for(unread_only, starred_only, False), label, page_size, cursor, keep)
+    total = _estimate(mtx, label, unread_only, starred_only, ("unread", "starred", "total"),
+                      len(out) if cursor is None and nxt is None else None)
     return out, nxt, total, label
+
+
+def _estimate(mtx: MailTx, label: str, unread_only: bool, starred_only: bool, names: tuple[str, str, str],
+              exact: int | None) -> int:
+    """result_size_estimate: exact from the label's counters; with both filters, exact when the
+    whole listing fit in one page, else the smaller of the two counts."""
+    def ctr(name: str) -> int:
+        return decode_counter(mtx.tr.get(keys.u(mtx.user, "lctr", label, name)))
+
+    unread_name, starred_name, total_name = names
+    if unread_only and starred_only:
+        return exact if exact is not None else min(ctr(unread_name), ctr(starred_name))
+    if unread_only:
+        return ctr(unread_name)
+    if starred_only:
+        return ctr(starred_name)
+    return ctr(total_name)
+
+
+def _summaries(mtx: MailTx, thread_id: str) -> list[types_pb2.Message]:
+    """The newest LIST_THREAD_MESSAGES messages of a thread, oldest first, without bodies."""
+    begin, end = keys.u_range(mtx.user, "tmem", thread_id)
+    rows = mtx.tr.get_range(begin, end, limit=LIST_THREAD_MESSAGES, reverse=True)
+    out = []
+    for k, _ in reversed(rows):
+        raw = mtx.tr.get(keys.u(mtx.user, "msg", str(keys.unpack(k)[-1])))
+        if raw is not None:
+            out.append(types_pb2.Message.FromString(raw))
+    return out
 
 
 def list_threads(mtx: MailTx, label_id: str, unread_only: bool, starred_only: bool, page_size: int,
                  cursor: Cursor | None) -> tuple[list[types_pb2.Thread], Cursor | None, int, str]:
     label = label_for_list(mtx, label_id)
-    idx = _index_for(unread_only, starred_only, True)
-    out: list[types_pb2.Thread] = []
-    nxt = cursor
-    for _ in range(20):
-        items, nxt = page_keys(mtx, label, idx, page_size - len(out), nxt)
-        for _, tid in items:
-            raw = mtx.tr.get(keys.u(mtx.user, "thr", tid))
-            if raw is None:
-                continue
-            t = types_pb2.Thread.FromString(raw)
-            if unread_only and starred_only:
-                stats = index.thread_label_stats(mtx, tid, label)
-                if not stats or not stats[2]:
-                    continue
-            out.append(t)
-        if nxt is None or len(out) >= page_size:
-            break
-    total = decode_counter(mtx.tr.get(keys.u(mtx.user, "lctr", label, "threads")))
+
+    def keep(tid: str) -> types_pb2.Thread | None:
+        raw = mtx.tr.get(keys.u(mtx.user, "thr", tid))
+        if raw is None:
+            return None
+        if unread_only and starred_only:
+            stats = index.thread_label_stats(mtx, tid, label)
+            if not stats or not stats[2]:
+                return None
+        thread = types_pb2.Thread.FromString(raw)
+        thread.messages.extend(_summaries(mtx, tid))
+        return thread
+
+    out, nxt = page(mtx, _index_for(unread_only, starred_only, True), label, page_size, cursor, keep)
+    total = _estimate(mtx, label, unread_only, starred_only, ("tunread", "tstarred", "threads"),
+                      len(out) if cursor is None and nxt is None else None)
     return out, nxt, total, label
 
 

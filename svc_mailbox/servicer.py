@@ -13,6 +13,7 @@ from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
 from mailmesh_common.auth import acting_user, check_user, split_name, user_from_parent
 from mailmesh_common.errors import InvalidInput, PermissionDenied
 from svc_mailbox.mailbox import Mailbox
+from svc_mailbox.messages import timestamp_us
 
 Ctx: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -73,7 +74,7 @@ class MailboxServicer(pb_grpc.MailboxServiceServicer):
     async def DeliverMessage(self, request: pb.DeliverMessageRequest, context: Ctx) -> pb.DeliverMessageResponse:
         system_only("DeliverMessage")
         user = user_from_parent(request.parent)
-        received = (request.received_time.seconds * 1_000_000 + request.received_time.nanos // 1000
+        received = (timestamp_us(request.received_time, "received_time")
                     if request.HasField("received_time") else 0)
         msg, dup = await self.mb.deliver(user, request.ingest_id, request.blob_ref, request.target,
                                          request.spam_score, received)

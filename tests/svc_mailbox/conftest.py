@@ -109,3 +109,42 @@ async def mesh(tmp_path: Path, nats_url: str) -> AsyncIterator[Mesh]:
 @pytest.fixture
 async def users(mesh: Mesh) -> dict[str, str]:
     return await mesh.admin_setup()
+
+
+# --- a mesh shared by the tests of one module (each test makes its own domain and users) ----------
+
+import pytest_asyncio  # noqa: E402
+
+_module_domains = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(scope="module")
+def module_nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    conf = write_config(tmp_path_factory.mktemp("nats"), "127.0.0.1", port)
+    proc = subprocess.Popen([str(find_nats_server()), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_mesh(tmp_path_factory: pytest.TempPathFactory, module_nats_url: str) -> AsyncIterator[Mesh]:
+    m = await start_mesh(tmp_path_factory.mktemp("mesh"), module_nats_url)
+    try:
+        yield m
+    finally:
+        await stop_mesh(m)
+
+
+async def fresh_users(mesh: Mesh, *names: str) -> dict[str, str]:
+    """A new domain with new accounts in a shared mesh: {name: user_id}."""
+    return await mesh.admin_setup(f"d{next(_module_domains)}.test", names or ("alice", "bob"))
