@@ -134,11 +134,14 @@ class BlobStore:
 
     def _already_stored(self, ref: str) -> bool:
         final = self.path(ref)
-        if final.exists():
-            # It may have just been renamed by a concurrent put: make sure its entry is durable.
-            _fsync_dir(final.parent)
-            return True
-        return False
+        try:
+            # Touch it: `collect` never removes a blob written or re-put within its grace period.
+            os.utime(final)
+        except FileNotFoundError:
+            return False
+        # It may have just been renamed by a concurrent put: make sure its entry is durable.
+        _fsync_dir(final.parent)
+        return True
 
     def _new_temp(self) -> Path:
         if not self._tmp.is_dir():
@@ -216,6 +219,22 @@ class BlobStore:
         finally:
             f.close()
 
+    async def touch(self, ref: str) -> bool:
+        """Marks the blob as just used (see `collect`); False if it does not exist."""
+        path = self.path(ref)
+
+        def _touch() -> bool:
+            try:
+                os.utime(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+        try:
+            return await asyncio.to_thread(_touch)
+        except OSError as e:
+            raise _unavailable(e) from None
+
     async def exists(self, ref: str) -> bool:
         path = self.path(ref)
         try:
@@ -233,6 +252,32 @@ class BlobStore:
         except OSError as e:
             raise _unavailable(e) from None
         return True
+
+    async def collect(self, ref: str, grace_s: float) -> bool:
+        """Removes a blob nobody references any more, unless it was stored (or stored again,
+        which touches it) within `grace_s` seconds. Safe against a concurrent `put` of the same
+        content: the file is first renamed aside, its age checked, and put back if it is fresh."""
+        return await asyncio.to_thread(self._collect_sync, validate_ref(ref), grace_s)
+
+    def _collect_sync(self, ref: str, grace_s: float) -> bool:
+        final = self.path(ref)
+        aside = final.with_name(final.name + ".collect")
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _unavailable(e) from None
+        try:
+            fresh = time.time() - aside.stat().st_mtime < grace_s
+            if fresh:
+                os.rename(aside, final)  # a concurrent put may have written it again: same bytes
+                return False
+            aside.unlink()
+            _fsync_dir(final.parent)
+            return True
+        except OSError as e:
+            raise _unavailable(e) from None
 
     async def remove_stale_temp(self, older_than: float = 3600.0) -> int:
         """Remove temp files left by crashed writers (older than older_than seconds)."""

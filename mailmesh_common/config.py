@@ -58,6 +58,8 @@ class Settings:
     grpc_default_deadline_s: float = 30.0
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     changelog_retention: int = 100_000
+    # unreferenced blobs are removed this long after their last reference went away
+    blob_gc_grace_s: float = 86_400.0
     # logs
     log_level: str = "INFO"
     log_format: str = "json"

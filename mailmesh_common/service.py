@@ -40,6 +40,8 @@ class ServiceContext:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # the service's main objects by name, for wiring and for in-process tests
+    components: dict[str, Any] = field(default_factory=dict)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         """Runs a background loop; if it dies unexpectedly the process exits so it is restarted."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -19,8 +19,8 @@ from mailmesh.v1 import types_pb2
 from mailmesh_common import address, blobstore, mime, telemetry
 from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
-from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, Unauthenticated
-from mailmesh_common.kv import Database, Transaction
+from mailmesh_common.errors import InvalidInput, LimitExceeded, MailmeshError, NotFound, Unauthenticated
+from mailmesh_common.kv import Database, Transaction, decode_counter
 from svc_mailbox import accounts, changelog, index, jobs, keys, labels, messages
 from svc_mailbox.changelog import ChangeHub
 from svc_mailbox.pagetoken import Cursor, PageTokens
@@ -33,7 +33,6 @@ DEFAULT_PAGE = 50
 ATTACHMENT_CHUNK = 64 * 1024
 PARSED_CACHE_ENTRIES = 256
 PARSED_CACHE_BYTES = 64 * 1024 * 1024
-BLOB_LOCK_STRIPES = 64
 MAX_UID_SCAN = 5000  # UID entries ListLabelUids examines per call when filtering by CHANGEDSINCE
 MINIMAL_FIELDS = ("id", "thread_id", "label_ids", "unread", "starred", "keywords", "snippet", "size_estimate",
                   "internal_date", "history_id", "uids", "blob_ref", "spam_score", "parse_warnings")
@@ -80,10 +79,6 @@ class Mailbox:
         self.tokens = PageTokens(settings.token())
         self._parsed: OrderedDict[str, mime.ParsedMessage] = OrderedDict()
         self._parsed_bytes = 0
-        # A blob is referenced by a committed count; a writer holds its ref's lock from storing
-        # the blob until its count is committed, a deleter from re-checking the count until the
-        # file is gone, so a blob can never be deleted under a message that is being added.
-        self._blob_locks = [asyncio.Lock() for _ in range(BLOB_LOCK_STRIPES)]
 
     # --- transactions -----------------------------------------------------------------------
     async def write(self, user: str, fn: Callable[[MailTx], T]) -> T:
@@ -100,22 +95,41 @@ class Mailbox:
         mtx = holder["mtx"]
         if mtx.changes:
             self.hub.notify(user)
-        for ref in mtx.blobs_to_delete:
-            await self._drop_blob(ref)
         return result
 
-    def blob_lock(self, ref: str) -> asyncio.Lock:
-        return self._blob_locks[int(ref[:8], 16) % BLOB_LOCK_STRIPES]
+    async def collect_blobs(self, grace_s: float, limit: int = 200) -> int:
+        """Removes blob files no message has referenced for `grace_s` seconds. Deleting a
+        message only marks its blob; the delay keeps a blob that ingest has just stored (or a
+        delivery has just touched) safe from a concurrent delete of a byte-identical message."""
+        cutoff = time.time_ns() // 1000 - int(grace_s * 1_000_000)
+        begin, end = keys.g_range("blobgc")
+        rows = await self.db.run(lambda tr: tr.get_range(begin, end, limit=limit), readonly=True)
+        removed = 0
+        for k, v in rows:
+            ref = str(keys.unpack(k)[-1])
+            if decode_counter(v) > cutoff:
+                continue
+            referenced = await self.db.run(functools.partial(_has_key, key=keys.g("blob", ref)), readonly=True)
+            if not referenced and await self.blobs.collect(ref, grace_s):
+                removed += 1
 
-    async def _drop_blob(self, ref: str) -> None:
-        """Deletes a blob whose reference count went to zero, unless it was referenced again."""
-        async with self.blob_lock(ref):
+            def forget(tr: Transaction, r: str = ref, key: bytes = k) -> None:
+                if tr.get(keys.g("blob", r)) is None and tr.get(key) is not None:
+                    tr.clear(key)
+
+            await self.db.run(forget)
+        return removed
+
+    async def run_blob_gc(self, stop: asyncio.Event, grace_s: float, every_s: float = 60.0) -> None:
+        while not stop.is_set():
             try:
-                referenced = await self.db.run(lambda tr: tr.get(keys.g("blob", ref)) is not None, readonly=True)
-                if not referenced:
-                    await self.blobs.delete(ref)
-            except Exception:  # a leftover blob wastes space but loses nothing
-                log.warning("could not delete unreferenced blob %s", ref)
+                await self.collect_blobs(grace_s)
+            except MailmeshError as exc:
+                log.warning("blob collection: %s", exc.message)
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except TimeoutError:
+                pass
 
     async def read(self, user: str, fn: Callable[[MailTx], T]) -> T:
         return await self.db.run(lambda tr: fn(MailTx(tr, user)), readonly=True)
@@ -220,12 +234,12 @@ class Mailbox:
         await self.require_user(user)
         label = "SPAM" if target == pb.DELIVERY_TARGET_SPAM else "INBOX"
         blobstore.validate_ref(blob_ref)
-        async with self.blob_lock(blob_ref):  # the blob cannot be dropped until this reference commits
-            if not await self.blobs.exists(blob_ref):
-                raise NotFound(f"blob {blob_ref} not found")
-            new = await self.new_message(blob_ref, None, label_ids=[label], unread=True, internal_us=received_us,
-                                         spam_score=spam_score)
-            return await self.write(user, lambda m: messages.deliver(m, ingest_id, new, enforce_quota=enforce_quota))
+        # touched: blob collection leaves it alone until well after this reference commits
+        if not await self.blobs.touch(blob_ref):
+            raise NotFound(f"blob {blob_ref} not found")
+        new = await self.new_message(blob_ref, None, label_ids=[label], unread=True, internal_us=received_us,
+                                     spam_score=spam_score)
+        return await self.write(user, lambda m: messages.deliver(m, ingest_id, new, enforce_quota=enforce_quota))
 
     async def append(self, user: str, req: pb.AppendMessageRequest) -> types_pb2.Message:
         if not req.raw:
@@ -243,14 +257,11 @@ class Mailbox:
         await self.require_user(user)
         label_ids = await self.read(user, lambda m: labels.resolve_ids(m, list(req.label_ids), field="label_ids"))
         internal = messages.timestamp_us(req.internal_date, "internal_date") if req.HasField("internal_date") else 0
-        blob_ref = await asyncio.to_thread(lambda: hashlib.sha256(req.raw).hexdigest())
-        async with self.blob_lock(blob_ref):
-            stored = await self.blobs.put(req.raw)
-            assert stored == blob_ref
-            new = await self.new_message(blob_ref, req.raw, label_ids=label_ids, unread=req.unread,
-                                         starred=req.starred, keywords=keywords, internal_us=internal,
-                                         recipients=list(req.track_recipients))
-            return await self.write(user, lambda m: messages.append(m, new, req.idempotency_key))
+        blob_ref = await self.blobs.put(req.raw)  # put touches an existing blob (see collect_blobs)
+        new = await self.new_message(blob_ref, req.raw, label_ids=label_ids, unread=req.unread,
+                                     starred=req.starred, keywords=keywords, internal_us=internal,
+                                     recipients=list(req.track_recipients))
+        return await self.write(user, lambda m: messages.append(m, new, req.idempotency_key))
 
     # --- labels ---------------------------------------------------------------------------------
     async def list_labels(self, user: str) -> list[types_pb2.Label]:
@@ -477,3 +488,7 @@ def _label_id(label_id: str) -> str:
     if up in labels.SYSTEM_LABELS or up == keys.ALL:
         return up
     return label_id
+
+
+def _has_key(tr: Transaction, *, key: bytes) -> bool:
+    return tr.get(key) is not None

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mailmesh.v1 import types_pb2
 
 from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, QuotaExceeded
-from mailmesh_common.kv import decode_counter
+from mailmesh_common.kv import decode_counter, encode_counter
 from mailmesh_common.mime import ParsedMessage
 from svc_mailbox import index, keys, labels, threads
 from svc_mailbox.pagetoken import Cursor
@@ -106,6 +106,7 @@ def add(mtx: MailTx, new: NewMessage, *, msg_id: str | None = None) -> types_pb2
     msg.thread_id = threads.assign(mtx, msg, new.chain, new.participants, new.norm_subject)
     index.apply(mtx, None, msg, types_pb2.CHANGE_TYPE_MESSAGE_ADDED)
     mtx.tr.add(keys.g("blob", new.blob_ref), 1)
+    mtx.tr.clear(keys.g("blobgc", new.blob_ref))
     return msg
 
 
@@ -296,11 +297,7 @@ def delete(mtx: MailTx, msg_id: str, pending_threads: dict[str, set[str]] | None
     """Deletes forever; drops the blob when no other message references it (after commit)."""
     old = load(mtx, msg_id)
     index.apply(mtx, old, None, types_pb2.CHANGE_TYPE_MESSAGE_DELETED, pending_threads)
-    blob_key = keys.g("blob", old.blob_ref)
-    mtx.tr.add(blob_key, -1)
-    if decode_counter(mtx.tr.get(blob_key)) <= 0:
-        mtx.tr.clear(blob_key)
-        mtx.blobs_to_delete.append(old.blob_ref)
+    release_blob(mtx, old.blob_ref)
     return old
 
 
@@ -439,3 +436,12 @@ def get_thread(mtx: MailTx, thread_id: str) -> tuple[types_pb2.Thread, list[type
         raise NotFound(f"thread {thread_id!r} not found")
     thread = types_pb2.Thread.FromString(mtx.tr.get(keys.u(mtx.user, "thr", tid)) or b"")
     return thread, index.thread_members(mtx, tid)
+
+
+def release_blob(mtx: MailTx, ref: str) -> None:
+    """Drops one reference; an unreferenced blob is marked for collection after a grace period."""
+    blob_key = keys.g("blob", ref)
+    mtx.tr.add(blob_key, -1)
+    if decode_counter(mtx.tr.get(blob_key)) <= 0:
+        mtx.tr.clear(blob_key)
+        mtx.tr.set(keys.g("blobgc", ref), encode_counter(mtx.now))

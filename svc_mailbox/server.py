@@ -29,6 +29,7 @@ def open_store(ctx: ServiceContext) -> Mailbox:
 
 async def register(ctx: ServiceContext) -> None:
     mailbox = open_store(ctx)
+    ctx.components["mailbox"] = mailbox
     ctx.closers.append(mailbox.db.close)
     pb_grpc.add_MailboxServiceServicer_to_server(MailboxServicer(mailbox), ctx.server.server)
     assert ctx.js is not None
@@ -36,6 +37,7 @@ async def register(ctx: ServiceContext) -> None:
     ctx.spawn(InboundConsumer(mailbox, ctx.js).run(ctx.stop), "inbound-consumer")
     ctx.spawn(EventsRelay(mailbox.db, ctx.js, mailbox.hub, ctx.settings.changelog_retention).run(ctx.stop),
               "events-relay")
+    ctx.spawn(mailbox.run_blob_gc(ctx.stop, ctx.settings.blob_gc_grace_s), "blob-gc")
 
 
 def run() -> None:

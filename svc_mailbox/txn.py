@@ -36,7 +36,6 @@ class MailTx:
     now: int = field(default_factory=now_us)
     _modseq: int | None = None
     changes: list[types_pb2.Change] = field(default_factory=list)
-    blobs_to_delete: list[str] = field(default_factory=list)
     traceparent: str = field(default_factory=lambda: telemetry.inject_headers().get("traceparent", ""))
 
     def current_modseq(self) -> int:

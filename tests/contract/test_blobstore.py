@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,12 +37,31 @@ async def test_put_get_round_trip_uses_the_sha256_ref(store: BlobStore) -> None:
 
 async def test_same_content_is_stored_once(store: BlobStore) -> None:
     first = await store.put(b"same message")
-    mtime = store.path(first).stat().st_mtime_ns
+    inode = store.path(first).stat().st_ino
     second = await store.put(b"same message")
     ref, size = await store.put_stream([b"same ", b"message"], max_size=100)
     assert first == second == ref and size == 12
     assert _files(store.root) == [store.path(first)]
-    assert store.path(first).stat().st_mtime_ns == mtime
+    assert store.path(first).stat().st_ino == inode, "existing content is not rewritten"
+
+
+async def test_collect_spares_recently_stored_blobs(store: BlobStore) -> None:
+    ref = await store.put(b"collect me")
+    past = time.time() - 7200
+    os.utime(store.path(ref), (past, past))
+    await store.put(b"collect me")  # stored again (e.g. by ingest): touched, so it is fresh
+    assert not await store.collect(ref, grace_s=3600)
+    assert await store.get(ref) == b"collect me"
+    os.utime(store.path(ref), (past, past))
+    assert await store.collect(ref, grace_s=3600)
+    assert not await store.exists(ref)
+    assert _files(store.root) == []
+    assert not await store.collect(ref, grace_s=0)  # already gone
+    ref2 = await store.put(b"touched")
+    os.utime(store.path(ref2), (past, past))
+    assert await store.touch(ref2)
+    assert not await store.collect(ref2, grace_s=3600)
+    assert not await store.touch("0" * 64)
 
 
 async def test_put_stream_hashes_async_chunks(store: BlobStore) -> None:

@@ -141,8 +141,11 @@ async def test_multi_recipient_shared_blob_unknown_skipped(mesh: Mesh, users: di
     raw = await mesh.stub.GetMessage(pb.GetMessageRequest(name=f"users/me/messages/{b.id}",
                                                           format=types_pb2.MESSAGE_FORMAT_RAW), metadata=mesh.md(bob))
     assert raw.message.raw == make_raw(5)
+    mailbox = mesh.ctx.components["mailbox"]
+    await mailbox.collect_blobs(grace_s=0)
     assert store.path(ref).exists()
     await mesh.stub.DeleteMessage(pb.DeleteMessageRequest(name=f"users/me/messages/{b.id}"), metadata=mesh.md(bob))
+    await mailbox.collect_blobs(grace_s=0)
     assert not store.path(ref).exists()
 
 

@@ -778,15 +778,21 @@ async def test_delete_forever_and_blob_references(shared_mesh: Mesh) -> None:
     await expect(grpc.StatusCode.NOT_FOUND, get_message(mesh, alice, own.id))
     await expect(grpc.StatusCode.NOT_FOUND, mesh.stub.DeleteMessage(
         pb.DeleteMessageRequest(name=f"users/me/messages/{own.id}"), metadata=mesh.md(alice)))
+    mailbox = mesh.ctx.components["mailbox"]
+    await mailbox.collect_blobs(grace_s=3600)
+    assert own_path.exists(), "an unreferenced blob is kept for the grace period"
+    await mailbox.collect_blobs(grace_s=0)
     assert not own_path.exists()
 
     await mesh.stub.DeleteMessage(pb.DeleteMessageRequest(name=f"users/me/messages/{copies['alice'].id}"),
                                   metadata=mesh.md(alice))
+    await mailbox.collect_blobs(grace_s=0)
     assert blobs.path(ref).exists(), "bob's copy still references the blob"
     got = await get_message(mesh, bob, copies["bob"].id, F.MESSAGE_FORMAT_RAW)
     assert got.raw == raw
     await mesh.stub.DeleteMessage(pb.DeleteMessageRequest(name=f"users/me/messages/{copies['bob'].id}"),
                                   metadata=mesh.md(bob))
+    await mailbox.collect_blobs(grace_s=0)
     assert not blobs.path(ref).exists()
     acct = (await mesh.stub.GetAccount(pb.GetAccountRequest(name="users/me"), metadata=mesh.md(alice))).account
     assert acct.messages_total == 0 and acct.used_bytes == 0
