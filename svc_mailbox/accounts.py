@@ -114,7 +114,7 @@ def create_account(tr: Transaction, req: pb.CreateAccountRequest, user_id: str, 
 
 def load_account(tr: Transaction, user_id: str) -> types_pb2.Account:
     raw = tr.get(keys.u(user_id, "acct"))
-    if raw is None:
+    if raw is None or tr.get(keys.u(user_id, "deleting")) is not None:
         raise NotFound("no such user")
     acct = types_pb2.Account.FromString(raw)
     acct.used_bytes = decode_counter(tr.get(keys.u(user_id, "ctr", "used")))

@@ -10,6 +10,8 @@ global
   ("dirty", user_id)                      b""                      (changelog not yet relayed)
   ("relay", user_id)                      counter                  (last modseq published to EVENTS)
   ("blob", sha256)                        counter                  (references to a blob)
+  ("blobgc", ts, sha256)                  b""                      (unreferenced since ts: collect
+  ("blobgcref", sha256)                   ts                        after the grace period)
   ("jobs", user_id, job_id)               JSON job                 (resumable bounded operation;
                                                                     global so a restart finds them)
 per user ("u", user_id, ...)
@@ -37,6 +39,7 @@ per user ("u", user_id, ...)
   ("log", modseq)                         Change
   ("dlv", ingest_id)                      message_id (delivery dedup)
   ("idem", key)                           message_id (append idempotency)
+  ("deleting",)                           b""   the account is being deleted (jobs.py)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from mailmesh_common import address, blobstore, mime, telemetry
 from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, LimitExceeded, MailmeshError, NotFound, Unauthenticated
-from mailmesh_common.kv import Database, Transaction, decode_counter
+from mailmesh_common.kv import Database, Transaction
 from svc_mailbox import accounts, changelog, index, jobs, keys, labels, messages
 from svc_mailbox.changelog import ChangeHub
 from svc_mailbox.pagetoken import Cursor, PageTokens
@@ -98,17 +98,26 @@ class Mailbox:
         return result
 
     async def collect_blobs(self, grace_s: float, limit: int = 200) -> int:
-        """Removes blob files no message has referenced for `grace_s` seconds. Deleting a
-        message only marks its blob; the delay keeps a blob that ingest has just stored (or a
-        delivery has just touched) safe from a concurrent delete of a byte-identical message."""
+        """Removes blob files no message has referenced for `grace_s` seconds; returns how many.
+        Deleting a message only marks its blob; the delay keeps a blob that ingest has just
+        stored (or a delivery has just touched) safe from a concurrent delete of a
+        byte-identical message."""
+        removed = 0
+        while True:
+            scanned, n = await self._collect_batch(grace_s, limit)
+            removed += n
+            if scanned < limit:
+                return removed
+
+    async def _collect_batch(self, grace_s: float, limit: int) -> tuple[int, int]:
+        """One batch of the oldest marks, up to the first still in its grace period."""
         cutoff = time.time_ns() // 1000 - int(grace_s * 1_000_000)
-        begin, end = keys.g_range("blobgc")
+        begin, _ = keys.g_range("blobgc")
+        end = keys.g("blobgc", cutoff + 1)
         rows = await self.db.run(lambda tr: tr.get_range(begin, end, limit=limit), readonly=True)
         removed = 0
-        for k, v in rows:
+        for k, _ in rows:
             ref = str(keys.unpack(k)[-1])
-            if decode_counter(v) > cutoff:
-                continue
             referenced = await self.db.run(functools.partial(_has_key, key=keys.g("blob", ref)), readonly=True)
             if not referenced and await self.blobs.collect(ref, grace_s):
                 removed += 1
@@ -116,9 +125,10 @@ class Mailbox:
             def forget(tr: Transaction, r: str = ref, key: bytes = k) -> None:
                 if tr.get(keys.g("blob", r)) is None and tr.get(key) is not None:
                     tr.clear(key)
+                    tr.clear(keys.g("blobgcref", r))
 
             await self.db.run(forget)
-        return removed
+        return len(rows), removed
 
     async def run_blob_gc(self, stop: asyncio.Event, grace_s: float, every_s: float = 60.0) -> None:
         while not stop.is_set():
@@ -135,8 +145,10 @@ class Mailbox:
         return await self.db.run(lambda tr: fn(MailTx(tr, user)), readonly=True)
 
     async def require_user(self, user: str) -> None:
-        exists = await self.db.run(lambda tr: tr.get(keys.u(user, "acct")) is not None, readonly=True)
-        if not exists:
+        def live(tr: Transaction) -> bool:
+            return tr.get(keys.u(user, "acct")) is not None and tr.get(keys.u(user, "deleting")) is None
+
+        if not await self.db.run(live, readonly=True):
             raise NotFound("no such user")
 
     # --- parsing ------------------------------------------------------------------------------
@@ -293,6 +305,52 @@ class Mailbox:
             total += n
             if finished:
                 return total
+
+    async def delete_account(self, user: str) -> int:
+        """Deletes the account now (it stops resolving at once) and its mail in bounded steps."""
+        job = await self.write(user, jobs.start_delete_account)
+        return await self.run_job(user, job)
+
+    async def recount(self, user: str) -> tuple[list[types_pb2.Label], types_pb2.Account]:
+        """Rebuilds every counter of the mailbox from its indexes (a repair tool: run it while
+        the mailbox is quiet, as writes during the scan may be counted or missed)."""
+        job = await self.write(user, jobs.start_recount)
+        await self.run_job(user, job)
+        return await self.list_labels(user), await self.get_account(user)
+
+    async def export(self, user: str, label_id: str, token: str) -> AsyncIterator[pb.ExportMessagesResponse]:
+        """Every message (or every message of a label) in id order, resumable by page token;
+        each read is a small transaction."""
+        await self.require_user(user)
+        scope = f"export:{label_id}"
+        cursor = self.tokens.decode(token, user, scope)
+        after = cursor.id if cursor else ""
+        label = _label_id(label_id) if label_id else ""
+        if label:
+            await self.get_label(user, label)
+
+        def page(tr: Transaction, start: str) -> list[types_pb2.Message]:
+            b, e = keys.u_range(user, "msg")
+            if start:
+                b = keys.u(user, "msg", start) + b"\x00"
+            return [types_pb2.Message.FromString(v) for _, v in tr.get_range(b, e, limit=100)]
+
+        while True:
+            batch = await self.db.run(functools.partial(page, start=after), readonly=True)
+            for m in batch:
+                after = m.id
+                if label and label not in m.label_ids and not (label == keys.ALL and
+                                                               not {"SPAM", "TRASH"} & set(m.label_ids)):
+                    continue
+                try:
+                    raw = await self.blobs.get(m.blob_ref)
+                except NotFound:
+                    log.error("export: blob of message %s of user %s is missing", m.id, user)
+                    continue
+                yield pb.ExportMessagesResponse(message=m, raw=raw,
+                                                next_page_token=self.tokens.encode(user, scope, Cursor(0, m.id)))
+            if len(batch) < 100:
+                return
 
     async def resume_jobs(self) -> None:
         for user, job_id in await self.db.run(jobs.pending, readonly=True):

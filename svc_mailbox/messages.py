@@ -21,6 +21,7 @@ MAX_BATCH = 1000
 MAX_PAGE = 500
 MAX_ADDRESSES = 200
 MAX_REFERENCES = 100
+MAX_RECORD_BYTES = 64_000
 # IMAP system flags kept as keywords (canonical spelling); \Seen and \Flagged are the unread
 # and starred states, \Recent is the server's own
 SYSTEM_FLAGS = {"\\answered": "\\Answered", "\\deleted": "\\Deleted", "\\draft": "\\Draft"}
@@ -84,7 +85,26 @@ def build_record(msg_id: str, new: NewMessage) -> types_pb2.Message:
     for rcpt in new.recipients[:MAX_ADDRESSES]:
         m.recipients.add(email=rcpt, state=types_pb2.RECIPIENT_STATE_QUEUED,
                          updated_time=ts_from_us(new.internal_us))
+    _fit(m)
     return m
+
+
+def _fit(m: types_pb2.Message) -> None:
+    """Keeps the record well under FoundationDB's 100 kB value limit: long address and
+    reference lists are cut (the raw message in the blob stays complete)."""
+    if m.ByteSize() <= MAX_RECORD_BYTES:
+        return
+    for name in ("references", "bcc", "cc", "to", "reply_to", "in_reply_to", "from"):
+        lst = getattr(m, name)
+        while len(lst) > 1 and m.ByteSize() > MAX_RECORD_BYTES:
+            del lst[max(1, len(lst) // 2):]
+    if m.ByteSize() > MAX_RECORD_BYTES:
+        m.subject = m.subject[:200]
+        for name in ("from", "to", "cc", "bcc", "reply_to"):
+            for a in getattr(m, name):
+                a.name = a.name[:100]
+    m.parse_warnings.append("address or reference lists were too long and are cut in the summary; "
+                            "the raw message is complete")
 
 
 def check_quota(mtx: MailTx, size: int) -> None:
@@ -106,7 +126,7 @@ def add(mtx: MailTx, new: NewMessage, *, msg_id: str | None = None) -> types_pb2
     msg.thread_id = threads.assign(mtx, msg, new.chain, new.participants, new.norm_subject)
     index.apply(mtx, None, msg, types_pb2.CHANGE_TYPE_MESSAGE_ADDED)
     mtx.tr.add(keys.g("blob", new.blob_ref), 1)
-    mtx.tr.clear(keys.g("blobgc", new.blob_ref))
+    unmark_blob(mtx, new.blob_ref)
     return msg
 
 
@@ -444,4 +464,14 @@ def release_blob(mtx: MailTx, ref: str) -> None:
     mtx.tr.add(blob_key, -1)
     if decode_counter(mtx.tr.get(blob_key)) <= 0:
         mtx.tr.clear(blob_key)
-        mtx.tr.set(keys.g("blobgc", ref), encode_counter(mtx.now))
+        unmark_blob(mtx, ref)
+        mtx.tr.set(keys.g("blobgc", mtx.now, ref), b"")
+        mtx.tr.set(keys.g("blobgcref", ref), encode_counter(mtx.now))
+
+
+def unmark_blob(mtx: MailTx, ref: str) -> None:
+    """A blob referenced again is no longer due for collection."""
+    marked = mtx.tr.get(keys.g("blobgcref", ref))
+    if marked is not None:
+        mtx.tr.clear(keys.g("blobgc", decode_counter(marked), ref))
+        mtx.tr.clear(keys.g("blobgcref", ref))

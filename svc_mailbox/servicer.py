@@ -47,6 +47,22 @@ class MailboxServicer(pb_grpc.MailboxServiceServicer):
         items, token = await self.mb.list_accounts(request.domain, request.page_size, request.page_token)
         return pb.ListAccountsResponse(accounts=items, next_page_token=token)
 
+    async def DeleteAccount(self, request: pb.DeleteAccountRequest, context: Ctx) -> pb.DeleteAccountResponse:
+        system_only("DeleteAccount")
+        user = user_from_parent(request.name, field="name")
+        return pb.DeleteAccountResponse(deleted_messages=await self.mb.delete_account(user))
+
+    async def RecountMailbox(self, request: pb.RecountMailboxRequest, context: Ctx) -> pb.RecountMailboxResponse:
+        system_only("RecountMailbox")
+        labels, account = await self.mb.recount(user_from_parent(request.name, field="name"))
+        return pb.RecountMailboxResponse(labels=labels, account=account)
+
+    async def ExportMessages(self, request: pb.ExportMessagesRequest,
+                             context: Ctx) -> AsyncIterator[pb.ExportMessagesResponse]:
+        user = user_from_parent(request.parent)
+        async for item in self.mb.export(user, request.label_id, request.page_token):
+            yield item
+
     async def GetAccount(self, request: pb.GetAccountRequest, context: Ctx) -> pb.GetAccountResponse:
         if request.name and request.email:
             raise InvalidInput("give name or email, not both")

@@ -7,7 +7,9 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -148,6 +150,110 @@ def user_passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _user_id(stub: pb_grpc.MailboxServiceStub, md: Any, email: str) -> str:
+    acct = await stub.GetAccount(pb.GetAccountRequest(email=email), metadata=md, timeout=TIMEOUT_S)
+    return str(acct.account.user_id)
+
+
+def user_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("mailmesh: user delete removes the account and all its mail: add --yes", file=sys.stderr)
+            return 2
+        if input(f"Delete {args.email} and all of its mail? Type the address to confirm: ").strip() != args.email:
+            print("mailmesh: not confirmed; nothing deleted", file=sys.stderr)
+            return 1
+
+    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> int:
+        user = await _user_id(stub, md, args.email)
+        r = await stub.DeleteAccount(pb.DeleteAccountRequest(name=f"users/{user}"), metadata=md, timeout=3600)
+        return int(r.deleted_messages)
+
+    try:
+        n = _call(args, go)
+    except grpc.aio.AioRpcError as exc:
+        return _fail(exc, "user delete")
+    print(f"user {args.email} deleted ({n} messages)")
+    return 0
+
+
+def user_recount(args: argparse.Namespace) -> int:
+    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> pb.RecountMailboxResponse:
+        user = await _user_id(stub, md, args.email)
+        return await stub.RecountMailbox(pb.RecountMailboxRequest(name=f"users/{user}"), metadata=md, timeout=3600)
+
+    try:
+        r = _call(args, go)
+    except grpc.aio.AioRpcError as exc:
+        return _fail(exc, "user recount")
+    print(f"{args.email}: {r.account.messages_total} messages, {r.account.used_bytes} bytes")
+    for label in r.labels:
+        print(f"  {label.name}\t{label.messages_total} messages\t{label.messages_unread} unread"
+              f"\t{label.threads_total} threads")
+    return 0
+
+
+def _mbox_entry(mail_from: str, when: float, raw: bytes, labels: list[str]) -> bytes:
+    """One mboxrd entry: a From_ line, an X-Mailmesh-Labels header, body lines matching
+    /^>*From / quoted with one more '>'."""
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(when))
+    head = f"From {mail_from or 'MAILER-DAEMON'} {stamp}\n".encode()
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = [head, f"X-Mailmesh-Labels: {','.join(labels)}\n".encode()]
+    for line in lines:
+        if line.lstrip(b">").startswith(b"From "):
+            line = b">" + line
+        out.append(line + b"\n")
+    out.append(b"\n")
+    return b"".join(out)
+
+
+def _save_token(path: str, token: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(token)
+    os.replace(tmp, path)
+
+
+def user_export(args: argparse.Namespace) -> int:
+    out = open(args.output, "ab" if args.resume else "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
+    token_file = f"{args.output}.resume" if args.output else ""
+    token = ""
+    if args.resume and token_file and os.path.exists(token_file):
+        with open(token_file) as f:
+            token = f.read().strip()
+
+    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> int:
+        user = await _user_id(stub, md, args.email)
+        n = 0
+        call = stub.ExportMessages(pb.ExportMessagesRequest(parent=f"users/{user}", label_id=args.label or "",
+                                                            page_token=token), metadata=md, timeout=86400)
+        async for item in call:
+            m = item.message
+            senders = getattr(m, "from")
+            sender = senders[0].email if len(senders) else ""
+            out.write(_mbox_entry(sender, m.internal_date.seconds, item.raw, list(m.label_ids)))
+            n += 1
+            if token_file:
+                out.flush()
+                _save_token(token_file, item.next_page_token)
+        return n
+
+    try:
+        n = _call(args, go)
+    except grpc.aio.AioRpcError as exc:
+        return _fail(exc, "user export")
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    if token_file and os.path.exists(token_file):
+        os.unlink(token_file)
+    print(f"exported {n} messages of {args.email}", file=sys.stderr)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data dir of the running mesh (for its internal token)")
     p.add_argument("--config", help="TOML settings file")
@@ -192,4 +298,20 @@ def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     _password_opts(p)
     _common(p)
     p.set_defaults(func=user_passwd)
+    p = usub.add_parser("delete", help="delete an account and all of its mail")
+    p.add_argument("email")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _common(p)
+    p.set_defaults(func=user_delete)
+    p = usub.add_parser("recount", help="rebuild a mailbox's counters from its indexes")
+    p.add_argument("email")
+    _common(p)
+    p.set_defaults(func=user_recount)
+    p = usub.add_parser("export", help="export a mailbox as an mboxrd file (labels in X-Mailmesh-Labels)")
+    p.add_argument("email")
+    p.add_argument("--label", help="only messages with this label id")
+    p.add_argument("--output", "-o", help="file to write (default: standard output)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted export into --output")
+    _common(p)
+    p.set_defaults(func=user_export)
     usr.set_defaults(func=lambda _a: (usr.print_help(sys.stderr), 2)[1])

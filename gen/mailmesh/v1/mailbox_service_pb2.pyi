@@ -301,6 +301,164 @@ class ListAccountsResponse(_message.Message):
 Global___ListAccountsResponse: _TypeAlias = ListAccountsResponse  # noqa: Y015
 
 @_typing.final
+class DeleteAccountRequest(_message.Message):
+    """DeleteAccountRequest names the user to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"users/{user_id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAccountRequest: _TypeAlias = DeleteAccountRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAccountResponse(_message.Message):
+    """DeleteAccountResponse reports what was deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_MESSAGES_FIELD_NUMBER: _builtins.int
+    deleted_messages: _builtins.int
+    """Messages deleted."""
+    def __init__(
+        self,
+        *,
+        deleted_messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_messages", b"deleted_messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAccountResponse: _TypeAlias = DeleteAccountResponse  # noqa: Y015
+
+@_typing.final
+class RecountMailboxRequest(_message.Message):
+    """RecountMailboxRequest names the mailbox whose counters to rebuild."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"users/{user_id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecountMailboxRequest: _TypeAlias = RecountMailboxRequest  # noqa: Y015
+
+@_typing.final
+class RecountMailboxResponse(_message.Message):
+    """RecountMailboxResponse returns the labels with their rebuilt counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Label]:
+        """Every label after the recount."""
+
+    @_builtins.property
+    def account(self) -> _types_pb2.Account:
+        """The account with its rebuilt totals."""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[_types_pb2.Label] | None = ...,
+        account: _types_pb2.Account | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecountMailboxResponse: _TypeAlias = RecountMailboxResponse  # noqa: Y015
+
+@_typing.final
+class ExportMessagesRequest(_message.Message):
+    """ExportMessagesRequest starts (or resumes) an export."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    LABEL_ID_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" or "users/me"."""
+    label_id: _builtins.str
+    """Only messages carrying this label; empty exports everything, SPAM and TRASH included."""
+    page_token: _builtins.str
+    """Resume after the message this token names (from a previous response)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        label_id: _builtins.str = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_id", b"label_id", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMessagesRequest: _TypeAlias = ExportMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ExportMessagesResponse(_message.Message):
+    """ExportMessagesResponse carries one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bytes
+    """Its raw RFC 5322 bytes."""
+    next_page_token: _builtins.str
+    """Token that resumes the export after this message."""
+    @_builtins.property
+    def message(self) -> _types_pb2.Message:
+        """The message (METADATA format, with its labels and flags)."""
+
+    def __init__(
+        self,
+        *,
+        message: _types_pb2.Message | None = ...,
+        raw: _builtins.bytes = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "next_page_token", b"next_page_token", "raw", b"raw"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMessagesResponse: _TypeAlias = ExportMessagesResponse  # noqa: Y015
+
+@_typing.final
 class GetAccountRequest(_message.Message):
     """GetAccountRequest names a user."""
 
@@ -1031,7 +1189,7 @@ class ListThreadsResponse(_message.Message):
     """Number of threads in the label, when known."""
     @_builtins.property
     def threads(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Thread]:
-        """Threads, newest activity first, with message summaries."""
+        """Threads, newest activity first, each with its newest 20 messages (MINIMAL, oldest first)."""
 
     def __init__(
         self,

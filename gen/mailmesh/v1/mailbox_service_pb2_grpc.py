@@ -57,6 +57,21 @@ class MailboxServiceStub:
                 request_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsRequest.SerializeToString,
                 response_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsResponse.FromString,
                 _registered_method=True)
+        self.DeleteAccount = channel.unary_unary(
+                '/mailmesh.v1.MailboxService/DeleteAccount',
+                request_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountResponse.FromString,
+                _registered_method=True)
+        self.RecountMailbox = channel.unary_unary(
+                '/mailmesh.v1.MailboxService/RecountMailbox',
+                request_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxResponse.FromString,
+                _registered_method=True)
+        self.ExportMessages = channel.unary_stream(
+                '/mailmesh.v1.MailboxService/ExportMessages',
+                request_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesResponse.FromString,
+                _registered_method=True)
         self.GetAccount = channel.unary_unary(
                 '/mailmesh.v1.MailboxService/GetAccount',
                 request_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.GetAccountRequest.SerializeToString,
@@ -213,6 +228,27 @@ class MailboxServiceServicer:
 
     def ListAccounts(self, request, context):
         """ListAccounts lists users, ordered by address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAccount(self, request, context):
+        """DeleteAccount deletes a user and all of their mail, in bounded steps that resume after a crash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecountMailbox(self, request, context):
+        """RecountMailbox rebuilds a mailbox's counters from its indexes, in bounded steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportMessages(self, request, context):
+        """ExportMessages streams every message of a mailbox with its labels and raw bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -415,6 +451,21 @@ def add_MailboxServiceServicer_to_server(servicer, server):
                     servicer.ListAccounts,
                     request_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsRequest.FromString,
                     response_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsResponse.SerializeToString,
+            ),
+            'DeleteAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAccount,
+                    request_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountResponse.SerializeToString,
+            ),
+            'RecountMailbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecountMailbox,
+                    request_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxResponse.SerializeToString,
+            ),
+            'ExportMessages': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportMessages,
+                    request_deserializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesResponse.SerializeToString,
             ),
             'GetAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccount,
@@ -653,6 +704,87 @@ class MailboxService:
             '/mailmesh.v1.MailboxService/ListAccounts',
             mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsRequest.SerializeToString,
             mailmesh_dot_v1_dot_mailbox__service__pb2.ListAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.MailboxService/DeleteAccount',
+            mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountRequest.SerializeToString,
+            mailmesh_dot_v1_dot_mailbox__service__pb2.DeleteAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecountMailbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.MailboxService/RecountMailbox',
+            mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxRequest.SerializeToString,
+            mailmesh_dot_v1_dot_mailbox__service__pb2.RecountMailboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mailmesh.v1.MailboxService/ExportMessages',
+            mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesRequest.SerializeToString,
+            mailmesh_dot_v1_dot_mailbox__service__pb2.ExportMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class MailboxServiceStub:
     """CreateAccount creates a user with its system labels."""
     ListAccounts: _grpc.UnaryUnaryMultiCallable[_mailbox_service_pb2.ListAccountsRequest, _mailbox_service_pb2.ListAccountsResponse]
     """ListAccounts lists users, ordered by address."""
+    DeleteAccount: _grpc.UnaryUnaryMultiCallable[_mailbox_service_pb2.DeleteAccountRequest, _mailbox_service_pb2.DeleteAccountResponse]
+    """DeleteAccount deletes a user and all of their mail, in bounded steps that resume after a crash."""
+    RecountMailbox: _grpc.UnaryUnaryMultiCallable[_mailbox_service_pb2.RecountMailboxRequest, _mailbox_service_pb2.RecountMailboxResponse]
+    """RecountMailbox rebuilds a mailbox's counters from its indexes, in bounded steps."""
+    ExportMessages: _grpc.UnaryStreamMultiCallable[_mailbox_service_pb2.ExportMessagesRequest, _mailbox_service_pb2.ExportMessagesResponse]
+    """ExportMessages streams every message of a mailbox with its labels and raw bytes."""
     GetAccount: _grpc.UnaryUnaryMultiCallable[_mailbox_service_pb2.GetAccountRequest, _mailbox_service_pb2.GetAccountResponse]
     """GetAccount returns one user."""
     SetPassword: _grpc.UnaryUnaryMultiCallable[_mailbox_service_pb2.SetPasswordRequest, _mailbox_service_pb2.SetPasswordResponse]
@@ -111,6 +117,12 @@ class MailboxServiceAsyncStub(MailboxServiceStub):
     """CreateAccount creates a user with its system labels."""
     ListAccounts: _aio.UnaryUnaryMultiCallable[_mailbox_service_pb2.ListAccountsRequest, _mailbox_service_pb2.ListAccountsResponse]  # type: ignore[assignment]
     """ListAccounts lists users, ordered by address."""
+    DeleteAccount: _aio.UnaryUnaryMultiCallable[_mailbox_service_pb2.DeleteAccountRequest, _mailbox_service_pb2.DeleteAccountResponse]  # type: ignore[assignment]
+    """DeleteAccount deletes a user and all of their mail, in bounded steps that resume after a crash."""
+    RecountMailbox: _aio.UnaryUnaryMultiCallable[_mailbox_service_pb2.RecountMailboxRequest, _mailbox_service_pb2.RecountMailboxResponse]  # type: ignore[assignment]
+    """RecountMailbox rebuilds a mailbox's counters from its indexes, in bounded steps."""
+    ExportMessages: _aio.UnaryStreamMultiCallable[_mailbox_service_pb2.ExportMessagesRequest, _mailbox_service_pb2.ExportMessagesResponse]  # type: ignore[assignment]
+    """ExportMessages streams every message of a mailbox with its labels and raw bytes."""
     GetAccount: _aio.UnaryUnaryMultiCallable[_mailbox_service_pb2.GetAccountRequest, _mailbox_service_pb2.GetAccountResponse]  # type: ignore[assignment]
     """GetAccount returns one user."""
     SetPassword: _aio.UnaryUnaryMultiCallable[_mailbox_service_pb2.SetPasswordRequest, _mailbox_service_pb2.SetPasswordResponse]  # type: ignore[assignment]
@@ -199,6 +211,30 @@ class MailboxServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mailbox_service_pb2.ListAccountsResponse, _abc.Awaitable[_mailbox_service_pb2.ListAccountsResponse]]:
         """ListAccounts lists users, ordered by address."""
+
+    @_abc_1.abstractmethod
+    def DeleteAccount(
+        self,
+        request: _mailbox_service_pb2.DeleteAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mailbox_service_pb2.DeleteAccountResponse, _abc.Awaitable[_mailbox_service_pb2.DeleteAccountResponse]]:
+        """DeleteAccount deletes a user and all of their mail, in bounded steps that resume after a crash."""
+
+    @_abc_1.abstractmethod
+    def RecountMailbox(
+        self,
+        request: _mailbox_service_pb2.RecountMailboxRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mailbox_service_pb2.RecountMailboxResponse, _abc.Awaitable[_mailbox_service_pb2.RecountMailboxResponse]]:
+        """RecountMailbox rebuilds a mailbox's counters from its indexes, in bounded steps."""
+
+    @_abc_1.abstractmethod
+    def ExportMessages(
+        self,
+        request: _mailbox_service_pb2.ExportMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mailbox_service_pb2.ExportMessagesResponse], _abc.AsyncIterator[_mailbox_service_pb2.ExportMessagesResponse]]:
+        """ExportMessages streams every message of a mailbox with its labels and raw bytes."""
 
     @_abc_1.abstractmethod
     def GetAccount(
