@@ -44,28 +44,61 @@ per user ("u", user_id, ...)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import fdb.tuple
 
 from mailmesh_common.kv import Subspace
 
 ROOT = Subspace(("mm",))
 ALL = "ALL"  # the implicit "All Mail" label: every message not in SPAM or TRASH
+_ROOT_KEY = ROOT.key
+_INT_LIMIT = 1 << 63
+
+
+def _pack(t: tuple[Any, ...]) -> bytes:
+    """fdb.tuple.pack, with a fast path for the str and int elements every key here uses
+    (byte-identical to the FoundationDB tuple layer; anything else goes to fdb.tuple)."""
+    out = []
+    for v in t:
+        if type(v) is str:
+            out.append(b"\x02" + v.encode().replace(b"\x00", b"\x00\xff") + b"\x00")
+        elif type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
+            if v == 0:
+                out.append(b"\x14")
+            elif v > 0:
+                n = (v.bit_length() + 7) // 8
+                out.append(bytes((0x14 + n,)) + v.to_bytes(n, "big"))
+            else:
+                n = ((-v).bit_length() + 7) // 8
+                out.append(bytes((0x14 - n,)) + (v + (1 << (8 * n)) - 1).to_bytes(n, "big"))
+        else:
+            out.append(fdb.tuple.pack((v,)))
+    return b"".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_prefix(user: str) -> bytes:
+    return _ROOT_KEY + _pack(("u", user))
 
 
 def g(*t: Any) -> bytes:
-    return ROOT.pack(t)
+    return _ROOT_KEY + _pack(t)
 
 
 def g_range(*t: Any) -> tuple[bytes, bytes]:
-    return ROOT.range(t)
+    p = g(*t)
+    return p + b"\x00", p + b"\xff"
 
 
 def u(user: str, *t: Any) -> bytes:
-    return ROOT.pack(("u", user, *t))
+    return _user_prefix(user) + _pack(t)
 
 
 def u_range(user: str, *t: Any) -> tuple[bytes, bytes]:
-    return ROOT.range(("u", user, *t))
+    p = u(user, *t)
+    return p + b"\x00", p + b"\xff"
 
 
 def unpack(key: bytes) -> tuple[Any, ...]:
