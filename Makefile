@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv run test gen lint typecheck bench clean
+.PHONY: venv run test gen lint typecheck breaking bench clean
 
 $(BIN)/mailmesh: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+breaking: venv
+	$(BIN)/buf breaking --against '.git#branch=main'
+
+bench: venv
+	$(BIN)/python -m tests.bench.bench_mailbox --messages 100000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
