@@ -1189,7 +1189,7 @@ class ListThreadsResponse(_message.Message):
     """Number of threads in the label, when known."""
     @_builtins.property
     def threads(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Thread]:
-        """Threads, newest activity first, each with its newest 20 messages (MINIMAL, oldest first)."""
+        """Threads, newest activity first, each with its newest 20 messages (METADATA, oldest first)."""
 
     def __init__(
         self,
