@@ -317,10 +317,29 @@ def _clean_name(name: str) -> str:
     return " ".join(name.replace("\x00", "").split())
 
 
+# An address list with nothing but plain names, angle brackets and addresses: the fast parser
+# gives the same result as the structured one, at a fraction of its cost.
+_SIMPLE_ADDRESSES = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@<>, \t\r\n-]*")
+
+
+def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
+    if "=?" in value or not _SIMPLE_ADDRESSES.fullmatch(value):
+        return None
+    pairs = getaddresses([value])
+    if any(not a or a.count("@") != 1 for _, a in pairs):
+        return None
+    return pairs[:MAX_ADDRESSES]
+
+
 def _addresses(part: Message, name: str, ctx: _Context) -> list[MailAddress]:
     out: list[MailAddress] = []
     for value in _raw_values(part, name, ctx):
         if not value.strip():
+            continue
+        simple = _simple_addresses(value)
+        if simple is not None:
+            for display, addr_spec in simple:
+                out.append(MailAddress(name=_clean_name(display), email=_lower_domain(addr_spec.strip())))
             continue
         header = _header_obj(name, value, ctx)
         parsed: list[tuple[str, str]] = []

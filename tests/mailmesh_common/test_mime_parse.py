@@ -518,3 +518,20 @@ def test_html_to_text_survives_broken_markup(html: str) -> None:
 
 def test_html_to_text_is_bounded() -> None:
     assert len(html_to_text("<p>word</p>" * 20_000, max_chars=500)) <= 500
+
+
+def test_fast_address_path_agrees_with_the_structured_parser() -> None:
+    from email.policy import default
+
+    from mailmesh_common.mime.parse import _simple_addresses
+
+    values = ["a@b.example", "Alice <alice@example.com>", "Alice Smith <alice@example.com>, bob@example.org",
+              "<x@y.example>", "Tab\tName <t@example.com>", "a@b.example,\r\n c@d.example"]
+    for v in values:
+        fast = _simple_addresses(v)
+        assert fast is not None, v
+        slow = [(str(a.display_name), str(a.addr_spec)) for a in default.header_factory("To", v).addresses]
+        assert [(" ".join(n.split()), a) for n, a in fast] == [(" ".join(n.split()), a) for n, a in slow], v
+    for v in ['"Quoted, Name" <q@example.com>', "=?utf-8?q?J=C3=B6rg?= <j@example.com>", "group: a@b.example;",
+              "Jörg <j@example.com>", "(comment) c@example.com", "broken@", "no-at-sign"]:
+        assert _simple_addresses(v) is None, v
