@@ -526,7 +526,7 @@ def test_fast_address_path_agrees_with_the_structured_parser() -> None:
     from mailmesh_common.mime.parse import _simple_addresses
 
     values = ["a@b.example", "Alice <alice@example.com>", "Alice Smith <alice@example.com>, bob@example.org",
-              "<x@y.example>", "Tab\tName <t@example.com>", "a@b.example,\r\n c@d.example"]
+              "<x@y.example>", "Tab\tName <t@example.com>"]
     for v in values:
         fast = _simple_addresses(v)
         assert fast is not None, v
