@@ -67,6 +67,37 @@ class Settings:
     dns_servers: tuple[str, ...] = ()
     # telemetry: also write finished spans as JSON lines here (debugging, tests)
     trace_file: str = ""
+    # svc_ingest
+    smtp_hostname: str = ""  # name in the greeting, EHLO and Received; default: this host's name
+    tls_cert_file: str = ""  # PEM certificate (chain) for STARTTLS; default: self-signed, generated
+    tls_key_file: str = ""  # PEM private key for tls_cert_file
+    max_recipients: int = 100  # RCPT TO per message; more get 452 4.5.3
+    max_received_headers: int = 50  # more Received headers is a loop: 554 5.4.6
+    per_ip_max_connections: int = 20  # concurrent SMTP connections per client IP; 0 = unlimited
+    per_ip_messages_per_minute: int = 120  # MAIL transactions per client IP per minute; 0 = unlimited
+    smtp_timeout_s: float = 300.0  # idle time before an SMTP session is closed
+    clamd_address: str = ""  # clamd socket: a unix socket path or host:port; "" = no virus scanning
+    clamd_required: bool = True  # clamd unreachable: 451 4.7.0 (true) or deliver unscanned, logged (false)
+    clamd_timeout_s: float = 30.0
+    spam_threshold: float = 5.0  # spam score at or over which mail goes to SPAM
+    authserv_id: str = ""  # Authentication-Results authserv-id; default: smtp_hostname
+    # svc_send
+    undo_send_s: float = 10.0  # hold before delivery starts; CancelSend works inside it
+    sends_per_day: int = 500  # messages one user may send per UTC day; more: RESOURCE_EXHAUSTED
+    max_recipients_per_message: int = 100  # To + Cc + Bcc of one message; more: INVALID_ARGUMENT
+    # wait after the 1st, 2nd... temporary failure (seconds); the last one repeats
+    outbound_retry_schedule_s: tuple[str, ...] = ("0", "300", "1800", "7200", "28800", "86400")
+    outbound_max_age_s: float = 5 * 86400.0  # still failing this long after queueing: bounce
+    outbound_smtp_port: int = 25  # port of remote mail servers (tests point it at a local sink)
+    outbound_per_destination: int = 4  # concurrent connections to one recipient domain
+    outbound_workers: int = 64  # concurrent deliveries per svc_send process
+    outbound_connect_timeout_s: float = 30.0
+    outbound_command_timeout_s: float = 300.0  # RFC 5321 4.5.3.2: 5 min per command
+    outbound_ack_wait_s: float = 60.0  # a delivery worker that dies is taken over after this long
+    submission_tls_cert_file: str = ""  # PEM for submission STARTTLS; default tls_cert_file, else self-signed
+    submission_tls_key_file: str = ""  # PEM private key for submission_tls_cert_file
+    submission_auth_require_tls: bool = True  # AUTH only after STARTTLS...
+    submission_auth_loopback_plaintext: bool = True  # ...except from loopback addresses (dev)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     # --- derived -------------------------------------------------------------------------

@@ -205,4 +205,7 @@ async def _handle_one(raw: Msg, spec: StreamSpec, msg_type: type[M], handler: Ha
             log.exception("unexpected error handling %s", raw.subject)
             await raw.nak(delay=opts.nak_delay_s * 10)
             return
-        await raw.ack_sync()
+        try:
+            await raw.ack_sync()
+        except Exception as exc:  # NATS went away after the commit: redelivery is deduplicated
+            log.warning("ack on %s not confirmed (%s); it may be redelivered", raw.subject, exc.__class__.__name__)

@@ -1,14 +1,44 @@
-"""Wires svc_search. Today: the gRPC health endpoint and stream provisioning; the indexer and
-SearchService land with the search issue."""
+"""Wires svc_search: the search backend (tantivy under {data_dir}/search, or Meilisearch when
+MAILMESH_MEILI_URL is set), the mailbox client, the EVENTS indexer, and SearchService."""
 
 from __future__ import annotations
 
+import logging
+
+from mailmesh.v1 import search_service_pb2_grpc as pb_grpc
+
 from mailmesh_common.service import ServiceContext, main
+from svc_search.backends import open_backend
+from svc_search.indexer import Indexer
+from svc_search.mailbox import MailboxClient
+from svc_search.pagetoken import PageTokens
+from svc_search.reindex import Reindexer
+from svc_search.search import SearchEngine
+from svc_search.servicer import SearchServicer, service_name
+from svc_search.store import DocStore
+
+log = logging.getLogger(__name__)
 
 
 async def register(ctx: ServiceContext) -> None:
-    return None
+    backend = open_backend(ctx.settings)
+    await backend.start()
+    ctx.closers.append(backend.close)
+    mailbox = MailboxClient(ctx.settings)
+    ctx.closers.append(mailbox.close)
+    store = DocStore(backend)
+    engine = SearchEngine(backend, mailbox, PageTokens(ctx.settings.token()))
+    reindexer = Reindexer(store, mailbox)
+    assert ctx.js is not None
+    indexer = Indexer(store, mailbox, ctx.js)
+    if backend.created and await indexer.consumer_existed():
+        log.warning("the search index was created empty but EVENTS were already indexed: its documents "
+                    "are lost; run `mailmesh search reindex` to rebuild them from the mailbox")
+    ctx.components.update(backend=backend, store=store, engine=engine, reindexer=reindexer, indexer=indexer,
+                          mailbox_client=mailbox)
+    pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, reindexer, indexer), ctx.server.server)
+    ctx.spawn(indexer.run(ctx.stop), "events-indexer")
 
 
 def run() -> None:
-    main("svc_search", "search_port", register)
+    main("svc_search", "search_port", register, service_names=(service_name(),))

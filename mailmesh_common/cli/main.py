@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailmesh_common.cli.admin import add_admin_commands
+from mailmesh_common.cli.send import add_send_commands
+from mailmesh_common.cli.spam import add_spam_commands
 from mailmesh_common.cli.status import add_status_command
 from mailmesh_common.cli.up import add_up_command
 from mailmesh_common.errors import ConfigError
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=run_gen)
     dev.set_defaults(func=lambda _args: _usage(dev))
     add_admin_commands(sub)
+    add_spam_commands(sub)
+    add_send_commands(sub)
     parser.set_defaults(func=lambda _args: _usage(parser))
     return parser
 

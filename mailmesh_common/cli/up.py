@@ -74,9 +74,9 @@ TICK_S = 0.2
 
 # Protocol listeners the services serve today, printed by `up`. Their ports are reserved and
 # checked already; each joins this list with the issue that implements it:
-# ("svc_ingest", "SMTP", "smtp"), ("svc_send", "submission", "submission"),
 # ("svc_gateway", "HTTP", "http"), ("svc_gateway", "IMAP", "imap").
-SERVED_PROTOCOLS: tuple[tuple[str, str, str], ...] = ()
+SERVED_PROTOCOLS: tuple[tuple[str, str, str], ...] = (("svc_ingest", "SMTP", "smtp"),
+                                                      ("svc_send", "submission", "submission"))
 
 
 class UpError(Exception):

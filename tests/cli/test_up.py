@@ -38,8 +38,13 @@ def test_up_prints_endpoints_and_every_service_is_serving(mailmesh_up: MeshProce
     for name, var in SERVICE_PORT_VARS.items():
         assert f"127.0.0.1:{mailmesh_up.port(var)}" in out, name
         assert grpc_health(mailmesh_up.port(var)) == "SERVING", name
-    # protocol listeners not served yet are not advertised (their ports are still reserved)
-    for var in ("MAILMESH_SMTP_PORT", "MAILMESH_SUBMISSION_PORT", "MAILMESH_HTTP_PORT", "MAILMESH_IMAP_PORT"):
+    # served protocol listeners are advertised and answer; the others are not (their ports are
+    # still reserved)
+    for var in ("MAILMESH_SMTP_PORT", "MAILMESH_SUBMISSION_PORT"):
+        assert f"127.0.0.1:{mailmesh_up.port(var)}" in out, var
+        with socket.create_connection(("127.0.0.1", mailmesh_up.port(var)), timeout=10) as smtp:
+            assert smtp.recv(512).startswith(b"220 "), var
+    for var in ("MAILMESH_HTTP_PORT", "MAILMESH_IMAP_PORT"):
         assert f"127.0.0.1:{mailmesh_up.port(var)}" not in out, var
     assert mailmesh_up.nats_url in out
     assert str(mailmesh_up.data_dir) in out

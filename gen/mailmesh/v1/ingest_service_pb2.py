@@ -22,15 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from mailmesh.v1 import events_pb2 as mailmesh_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mailmesh/v1/ingest_service.proto\x12\x0bmailmesh.v12\x0f\n\rIngestServiceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mailmesh/v1/ingest_service.proto\x12\x0bmailmesh.v1\x1a\x18mailmesh/v1/events.proto\"\xad\x01\n\x14InjectMessageRequest\x12\x0b\n\x03raw\x18\x01 \x01(\x0c\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x03 \x03(\t\x12\x11\n\tclient_ip\x18\x04 \x01(\t\x12\x0c\n\x04helo\x18\x05 \x01(\t\x12*\n\x06source\x18\x06 \x01(\x0e\x32\x1a.mailmesh.v1.MessageSource\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\"D\n\x10RecipientOutcome\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\r\n\x05reply\x18\x03 \x01(\t\"\xa5\x01\n\x15InjectMessageResponse\x12\x11\n\tingest_id\x18\x01 \x01(\t\x12\x31\n\nrecipients\x18\x02 \x03(\x0b\x32\x1d.mailmesh.v1.RecipientOutcome\x12\x1e\n\x16\x61uthentication_results\x18\x03 \x01(\t\x12&\n\x04spam\x18\x04 \x01(\x0b\x32\x18.mailmesh.v1.SpamVerdict\"6\n\x16\x43lassifyMessageRequest\x12\x0b\n\x03raw\x18\x01 \x01(\x0c\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"A\n\x17\x43lassifyMessageResponse\x12&\n\x04spam\x18\x01 \x01(\x0b\x32\x18.mailmesh.v1.SpamVerdict\"A\n\x10TrainSpamRequest\x12\x0b\n\x03raw\x18\x01 \x01(\x0c\x12\x0f\n\x07is_spam\x18\x02 \x01(\x08\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"@\n\x11TrainSpamResponse\x12\x15\n\rspam_messages\x18\x01 \x01(\x03\x12\x14\n\x0cham_messages\x18\x02 \x01(\x03\x32\x91\x02\n\rIngestService\x12V\n\rInjectMessage\x12!.mailmesh.v1.InjectMessageRequest\x1a\".mailmesh.v1.InjectMessageResponse\x12\\\n\x0f\x43lassifyMessage\x12#.mailmesh.v1.ClassifyMessageRequest\x1a$.mailmesh.v1.ClassifyMessageResponse\x12J\n\tTrainSpam\x12\x1d.mailmesh.v1.TrainSpamRequest\x1a\x1e.mailmesh.v1.TrainSpamResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailmesh.v1.ingest_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INGESTSERVICE']._serialized_start=49
-  _globals['_INGESTSERVICE']._serialized_end=64
+  _globals['_INJECTMESSAGEREQUEST']._serialized_start=76
+  _globals['_INJECTMESSAGEREQUEST']._serialized_end=249
+  _globals['_RECIPIENTOUTCOME']._serialized_start=251
+  _globals['_RECIPIENTOUTCOME']._serialized_end=319
+  _globals['_INJECTMESSAGERESPONSE']._serialized_start=322
+  _globals['_INJECTMESSAGERESPONSE']._serialized_end=487
+  _globals['_CLASSIFYMESSAGEREQUEST']._serialized_start=489
+  _globals['_CLASSIFYMESSAGEREQUEST']._serialized_end=543
+  _globals['_CLASSIFYMESSAGERESPONSE']._serialized_start=545
+  _globals['_CLASSIFYMESSAGERESPONSE']._serialized_end=610
+  _globals['_TRAINSPAMREQUEST']._serialized_start=612
+  _globals['_TRAINSPAMREQUEST']._serialized_end=677
+  _globals['_TRAINSPAMRESPONSE']._serialized_start=679
+  _globals['_TRAINSPAMRESPONSE']._serialized_end=743
+  _globals['_INGESTSERVICE']._serialized_start=746
+  _globals['_INGESTSERVICE']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

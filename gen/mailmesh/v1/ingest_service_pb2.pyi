@@ -3,6 +3,240 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from mailmesh.v1 import events_pb2 as _events_pb2
+import builtins as _builtins
+import sys
+import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
+else:
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class InjectMessageRequest(_message.Message):
+    """InjectMessageRequest carries a raw message and its envelope."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAW_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    RCPT_TO_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
+    HELO_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bytes
+    """Raw RFC 5322 bytes."""
+    mail_from: _builtins.str
+    """RFC 5321 MAIL FROM; empty for the null sender."""
+    client_ip: _builtins.str
+    """Client IP to evaluate SPF for; empty skips SPF (trusted internal source)."""
+    helo: _builtins.str
+    """HELO name to evaluate SPF for."""
+    source: _events_pb2.MessageSource.ValueType
+    """How the message entered the mesh."""
+    idempotency_key: _builtins.str
+    """Idempotency key: injecting again with the same key returns the first ingest id."""
+    @_builtins.property
+    def rcpt_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Envelope recipients; each must be a local user."""
+
+    def __init__(
+        self,
+        *,
+        raw: _builtins.bytes = ...,
+        mail_from: _builtins.str = ...,
+        rcpt_to: _abc.Iterable[_builtins.str] | None = ...,
+        client_ip: _builtins.str = ...,
+        helo: _builtins.str = ...,
+        source: _events_pb2.MessageSource.ValueType = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "helo", b"helo", "idempotency_key", b"idempotency_key", "mail_from", b"mail_from", "raw", b"raw", "rcpt_to", b"rcpt_to", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectMessageRequest: _TypeAlias = InjectMessageRequest  # noqa: Y015
+
+@_typing.final
+class RecipientOutcome(_message.Message):
+    """RecipientOutcome is the result for one envelope recipient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The recipient as given."""
+    accepted: _builtins.bool
+    """True when the message will be delivered to it."""
+    reply: _builtins.str
+    """SMTP-style reply for a refused recipient, e.g. "550 5.1.1 No such user"."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        accepted: _builtins.bool = ...,
+        reply: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "address", b"address", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientOutcome: _TypeAlias = RecipientOutcome  # noqa: Y015
+
+@_typing.final
+class InjectMessageResponse(_message.Message):
+    """InjectMessageResponse says what happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INGEST_ID_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    AUTHENTICATION_RESULTS_FIELD_NUMBER: _builtins.int
+    SPAM_FIELD_NUMBER: _builtins.int
+    ingest_id: _builtins.str
+    """Ingest id of the accepted message (the INBOUND Nats-Msg-Id)."""
+    authentication_results: _builtins.str
+    """Authentication-Results header value that was added."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientOutcome]:
+        """Per-recipient outcome."""
+
+    @_builtins.property
+    def spam(self) -> _events_pb2.SpamVerdict:
+        """Spam verdict."""
+
+    def __init__(
+        self,
+        *,
+        ingest_id: _builtins.str = ...,
+        recipients: _abc.Iterable[Global___RecipientOutcome] | None = ...,
+        authentication_results: _builtins.str = ...,
+        spam: _events_pb2.SpamVerdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spam", b"spam"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication_results", b"authentication_results", "ingest_id", b"ingest_id", "recipients", b"recipients", "spam", b"spam"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InjectMessageResponse: _TypeAlias = InjectMessageResponse  # noqa: Y015
+
+@_typing.final
+class ClassifyMessageRequest(_message.Message):
+    """ClassifyMessageRequest asks for a spam score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAW_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bytes
+    """Raw RFC 5322 bytes."""
+    user_id: _builtins.str
+    """User whose personal adjustments apply; empty for the global model."""
+    def __init__(
+        self,
+        *,
+        raw: _builtins.bytes = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["raw", b"raw", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyMessageRequest: _TypeAlias = ClassifyMessageRequest  # noqa: Y015
+
+@_typing.final
+class ClassifyMessageResponse(_message.Message):
+    """ClassifyMessageResponse carries the verdict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPAM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def spam(self) -> _events_pb2.SpamVerdict:
+        """The verdict."""
+
+    def __init__(
+        self,
+        *,
+        spam: _events_pb2.SpamVerdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spam", b"spam"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spam", b"spam"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyMessageResponse: _TypeAlias = ClassifyMessageResponse  # noqa: Y015
+
+@_typing.final
+class TrainSpamRequest(_message.Message):
+    """TrainSpamRequest teaches the filter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RAW_FIELD_NUMBER: _builtins.int
+    IS_SPAM_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bytes
+    """Raw RFC 5322 bytes."""
+    is_spam: _builtins.bool
+    """True for spam, false for ham."""
+    user_id: _builtins.str
+    """User whose personal adjustments learn too; empty trains only the global model."""
+    def __init__(
+        self,
+        *,
+        raw: _builtins.bytes = ...,
+        is_spam: _builtins.bool = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_spam", b"is_spam", "raw", b"raw", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainSpamRequest: _TypeAlias = TrainSpamRequest  # noqa: Y015
+
+@_typing.final
+class TrainSpamResponse(_message.Message):
+    """TrainSpamResponse reports the model size after training."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPAM_MESSAGES_FIELD_NUMBER: _builtins.int
+    HAM_MESSAGES_FIELD_NUMBER: _builtins.int
+    spam_messages: _builtins.int
+    """Messages trained as spam so far (global model)."""
+    ham_messages: _builtins.int
+    """Messages trained as ham so far (global model)."""
+    def __init__(
+        self,
+        *,
+        spam_messages: _builtins.int = ...,
+        ham_messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ham_messages", b"ham_messages", "spam_messages", b"spam_messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainSpamResponse: _TypeAlias = TrainSpamResponse  # noqa: Y015

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mailmesh.v1 import ingest_service_pb2 as mailmesh_dot_v1_dot_ingest__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -25,9 +26,8 @@ if _version_not_supported:
 
 
 class IngestServiceStub:
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
 
     def __init__(self, channel):
@@ -36,17 +36,68 @@ class IngestServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.InjectMessage = channel.unary_unary(
+                '/mailmesh.v1.IngestService/InjectMessage',
+                request_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageResponse.FromString,
+                _registered_method=True)
+        self.ClassifyMessage = channel.unary_unary(
+                '/mailmesh.v1.IngestService/ClassifyMessage',
+                request_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageResponse.FromString,
+                _registered_method=True)
+        self.TrainSpam = channel.unary_unary(
+                '/mailmesh.v1.IngestService/TrainSpam',
+                request_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
+
+    def InjectMessage(self, request, context):
+        """InjectMessage runs a raw message through the inbound pipeline (limits, authentication,
+        virus and spam checks) and hands it durably to INBOUND; it returns once the handoff is acked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyMessage(self, request, context):
+        """ClassifyMessage scores a raw message with the spam filter without delivering it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainSpam(self, request, context):
+        """TrainSpam teaches the spam filter that a message is spam or ham.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'InjectMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectMessage,
+                    request_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageResponse.SerializeToString,
+            ),
+            'ClassifyMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyMessage,
+                    request_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageResponse.SerializeToString,
+            ),
+            'TrainSpam': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainSpam,
+                    request_deserializer=mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mailmesh.v1.IngestService', rpc_method_handlers)
@@ -56,7 +107,87 @@ def add_IngestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IngestService:
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
+
+    @staticmethod
+    def InjectMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.IngestService/InjectMessage',
+            mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageRequest.SerializeToString,
+            mailmesh_dot_v1_dot_ingest__service__pb2.InjectMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.IngestService/ClassifyMessage',
+            mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageRequest.SerializeToString,
+            mailmesh_dot_v1_dot_ingest__service__pb2.ClassifyMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainSpam(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.IngestService/TrainSpam',
+            mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamRequest.SerializeToString,
+            mailmesh_dot_v1_dot_ingest__service__pb2.TrainSpamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

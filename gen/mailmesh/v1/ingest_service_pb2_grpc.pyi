@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from mailmesh.v1 import ingest_service_pb2 as _ingest_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -26,31 +27,68 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class IngestServiceStub:
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
+    InjectMessage: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.InjectMessageRequest, _ingest_service_pb2.InjectMessageResponse]
+    """InjectMessage runs a raw message through the inbound pipeline (limits, authentication,
+    virus and spam checks) and hands it durably to INBOUND; it returns once the handoff is acked.
+    """
+    ClassifyMessage: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.ClassifyMessageRequest, _ingest_service_pb2.ClassifyMessageResponse]
+    """ClassifyMessage scores a raw message with the spam filter without delivering it."""
+    TrainSpam: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.TrainSpamRequest, _ingest_service_pb2.TrainSpamResponse]
+    """TrainSpam teaches the spam filter that a message is spam or ham."""
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    InjectMessage: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.InjectMessageRequest, _ingest_service_pb2.InjectMessageResponse]  # type: ignore[assignment]
+    """InjectMessage runs a raw message through the inbound pipeline (limits, authentication,
+    virus and spam checks) and hands it durably to INBOUND; it returns once the handoff is acked.
+    """
+    ClassifyMessage: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.ClassifyMessageRequest, _ingest_service_pb2.ClassifyMessageResponse]  # type: ignore[assignment]
+    """ClassifyMessage scores a raw message with the spam filter without delivering it."""
+    TrainSpam: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.TrainSpamRequest, _ingest_service_pb2.TrainSpamResponse]  # type: ignore[assignment]
+    """TrainSpam teaches the spam filter that a message is spam or ham."""
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
-    """IngestService is the gRPC face of svc_ingest. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """IngestService is svc_ingest's internal face: injecting a raw message through the same
+    pipeline and guarantees as SMTP, and inspecting or training the spam filter.
     """
 
-    ...
+    @_abc_1.abstractmethod
+    def InjectMessage(
+        self,
+        request: _ingest_service_pb2.InjectMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.InjectMessageResponse, _abc.Awaitable[_ingest_service_pb2.InjectMessageResponse]]:
+        """InjectMessage runs a raw message through the inbound pipeline (limits, authentication,
+        virus and spam checks) and hands it durably to INBOUND; it returns once the handoff is acked.
+        """
+
+    @_abc_1.abstractmethod
+    def ClassifyMessage(
+        self,
+        request: _ingest_service_pb2.ClassifyMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.ClassifyMessageResponse, _abc.Awaitable[_ingest_service_pb2.ClassifyMessageResponse]]:
+        """ClassifyMessage scores a raw message with the spam filter without delivering it."""
+
+    @_abc_1.abstractmethod
+    def TrainSpam(
+        self,
+        request: _ingest_service_pb2.TrainSpamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.TrainSpamResponse, _abc.Awaitable[_ingest_service_pb2.TrainSpamResponse]]:
+        """TrainSpam teaches the spam filter that a message is spam or ham."""
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,308 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+import builtins as _builtins
+import sys
+import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
+else:
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SearchOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_ORDER_UNSPECIFIED: _SearchOrder.ValueType  # 0
+    """Treated as NEWEST_FIRST."""
+    SEARCH_ORDER_NEWEST_FIRST: _SearchOrder.ValueType  # 1
+    """Newest received first (internal date), ties broken by a stable per-message key."""
+    SEARCH_ORDER_RELEVANCE: _SearchOrder.ValueType  # 2
+    """Best match first, as scored by the search backend."""
+
+class SearchOrder(_SearchOrder, metaclass=_SearchOrderEnumTypeWrapper):
+    """SearchOrder chooses the order of search results."""
+
+SEARCH_ORDER_UNSPECIFIED: SearchOrder.ValueType  # 0
+"""Treated as NEWEST_FIRST."""
+SEARCH_ORDER_NEWEST_FIRST: SearchOrder.ValueType  # 1
+"""Newest received first (internal date), ties broken by a stable per-message key."""
+SEARCH_ORDER_RELEVANCE: SearchOrder.ValueType  # 2
+"""Best match first, as scored by the search backend."""
+Global___SearchOrder: _TypeAlias = SearchOrder  # noqa: Y015
+
+@_typing.final
+class SearchRequest(_message.Message):
+    """SearchRequest asks for one page of matching messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" or "users/me"."""
+    query: _builtins.str
+    """Gmail query language: words, "phrases", from: to: cc: bcc: subject: filename:,
+    has:attachment, is:unread|read|starred|important, in:/label:, after: before: (YYYY/MM/DD),
+    older_than: newer_than: (d, m, y), larger: smaller: (bytes, K, M), -negation, OR and
+    parentheses. Case-insensitive and accent-insensitive; empty matches every message.
+    SPAM and TRASH are searched only when the query names them or says in:anywhere.
+    """
+    page_size: _builtins.int
+    """Maximum results to return (default 50, max 500)."""
+    page_token: _builtins.str
+    """Token from a previous response to the same parent, query and order."""
+    order: Global___SearchOrder.ValueType
+    """Order of the results."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        query: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        order: Global___SearchOrder.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchRequest: _TypeAlias = SearchRequest  # noqa: Y015
+
+@_typing.final
+class TextRange(_message.Message):
+    """TextRange is a half-open range [start, end) of Unicode code points in a text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    """First code point of the range."""
+    end: _builtins.int
+    """Code point just after the range."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextRange: _TypeAlias = TextRange  # noqa: Y015
+
+@_typing.final
+class SearchResult(_message.Message):
+    """SearchResult is one matching message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    HIGHLIGHTS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    INTERNAL_DATE_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """Message id in the user's mailbox ("users/{user}/messages/{message_id}")."""
+    thread_id: _builtins.str
+    """Thread the message belongs to."""
+    snippet: _builtins.str
+    """Plain-text excerpt of the body around the best match (the start of the body when the
+    match is elsewhere, e.g. in the subject).
+    """
+    score: _builtins.float
+    """Relevance score given by the backend (RELEVANCE order); 0 in NEWEST_FIRST order."""
+    @_builtins.property
+    def highlights(self) -> _containers.RepeatedCompositeFieldContainer[Global___TextRange]:
+        """Ranges of the snippet that match words of the query, to highlight."""
+
+    @_builtins.property
+    def internal_date(self) -> _timestamp_pb2.Timestamp:
+        """When the mailbox received the message."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        snippet: _builtins.str = ...,
+        highlights: _abc.Iterable[Global___TextRange] | None = ...,
+        score: _builtins.float = ...,
+        internal_date: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["internal_date", b"internal_date"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["highlights", b"highlights", "internal_date", b"internal_date", "message_id", b"message_id", "score", b"score", "snippet", b"snippet", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
+
+@_typing.final
+class SearchResponse(_message.Message):
+    """SearchResponse is one page of results."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    RESULT_SIZE_ESTIMATE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    result_size_estimate: _builtins.int
+    """Number of messages matching the query when this page was read."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """Matching messages in the requested order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SearchResult] | None = ...,
+        next_page_token: _builtins.str = ...,
+        result_size_estimate: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "result_size_estimate", b"result_size_estimate", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchResponse: _TypeAlias = SearchResponse  # noqa: Y015
+
+@_typing.final
+class ReindexRequest(_message.Message):
+    """ReindexRequest names what to rebuild: one user (parent) or every user (all_users)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    ALL_USERS_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" of the user to rebuild; empty with all_users."""
+    all_users: _builtins.bool
+    """Rebuild the documents of every account of the mailbox."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        all_users: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_users", b"all_users", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReindexRequest: _TypeAlias = ReindexRequest  # noqa: Y015
+
+@_typing.final
+class ReindexResponse(_message.Message):
+    """ReindexResponse reports progress; the last one of the stream has done set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    REMOVED_DOCUMENTS_FIELD_NUMBER: _builtins.int
+    USERS_DONE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """User being (or last) rebuilt."""
+    documents: _builtins.int
+    """Documents written so far, over every user of the request."""
+    removed_documents: _builtins.int
+    """Stale documents removed so far (messages no longer in the mailbox)."""
+    users_done: _builtins.int
+    """Users completely rebuilt so far."""
+    done: _builtins.bool
+    """True on the last response: the rebuild is complete."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        documents: _builtins.int = ...,
+        removed_documents: _builtins.int = ...,
+        users_done: _builtins.int = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "done", b"done", "removed_documents", b"removed_documents", "user_id", b"user_id", "users_done", b"users_done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReindexResponse: _TypeAlias = ReindexResponse  # noqa: Y015
+
+@_typing.final
+class GetIndexStatusRequest(_message.Message):
+    """GetIndexStatusRequest names the user whose documents to count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" or "users/me"; empty counts every user (administrative)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIndexStatusRequest: _TypeAlias = GetIndexStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetIndexStatusResponse(_message.Message):
+    """GetIndexStatusResponse describes the index."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    PENDING_EVENTS_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """Search backend in use: "tantivy" or "meilisearch"."""
+    documents: _builtins.int
+    """Documents of the user (or of every user) in the index."""
+    pending_events: _builtins.int
+    """Mailbox events published but not yet indexed (every user): the indexing backlog."""
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        documents: _builtins.int = ...,
+        pending_events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "documents", b"documents", "pending_events", b"pending_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIndexStatusResponse: _TypeAlias = GetIndexStatusResponse  # noqa: Y015

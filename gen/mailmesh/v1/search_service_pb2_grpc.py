@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mailmesh.v1 import search_service_pb2 as mailmesh_dot_v1_dot_search__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -25,9 +26,10 @@ if _version_not_supported:
 
 
 class SearchServiceStub:
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
 
     def __init__(self, channel):
@@ -36,17 +38,70 @@ class SearchServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Search = channel.unary_unary(
+                '/mailmesh.v1.SearchService/Search',
+                request_serializer=mailmesh_dot_v1_dot_search__service__pb2.SearchRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_search__service__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Reindex = channel.unary_stream(
+                '/mailmesh.v1.SearchService/Reindex',
+                request_serializer=mailmesh_dot_v1_dot_search__service__pb2.ReindexRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_search__service__pb2.ReindexResponse.FromString,
+                _registered_method=True)
+        self.GetIndexStatus = channel.unary_unary(
+                '/mailmesh.v1.SearchService/GetIndexStatus',
+                request_serializer=mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
+
+    def Search(self, request, context):
+        """Search returns one page of the user's messages matching a query, newest first by default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reindex(self, request, context):
+        """Reindex rebuilds the search documents of one user, or of every user, from the mailbox
+        store (the recovery path when an index is lost); it streams its progress. Administrative.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIndexStatus(self, request, context):
+        """GetIndexStatus reports the backend, the number of documents and the events not yet indexed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=mailmesh_dot_v1_dot_search__service__pb2.SearchRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_search__service__pb2.SearchResponse.SerializeToString,
+            ),
+            'Reindex': grpc.unary_stream_rpc_method_handler(
+                    servicer.Reindex,
+                    request_deserializer=mailmesh_dot_v1_dot_search__service__pb2.ReindexRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_search__service__pb2.ReindexResponse.SerializeToString,
+            ),
+            'GetIndexStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIndexStatus,
+                    request_deserializer=mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mailmesh.v1.SearchService', rpc_method_handlers)
@@ -56,7 +111,89 @@ def add_SearchServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SearchService:
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SearchService/Search',
+            mailmesh_dot_v1_dot_search__service__pb2.SearchRequest.SerializeToString,
+            mailmesh_dot_v1_dot_search__service__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reindex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mailmesh.v1.SearchService/Reindex',
+            mailmesh_dot_v1_dot_search__service__pb2.ReindexRequest.SerializeToString,
+            mailmesh_dot_v1_dot_search__service__pb2.ReindexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIndexStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SearchService/GetIndexStatus',
+            mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusRequest.SerializeToString,
+            mailmesh_dot_v1_dot_search__service__pb2.GetIndexStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

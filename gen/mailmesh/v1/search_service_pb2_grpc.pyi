@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from mailmesh.v1 import search_service_pb2 as _search_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -26,31 +27,74 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SearchServiceStub:
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SearchServiceAsyncStub: ...
+    Search: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.SearchRequest, _search_service_pb2.SearchResponse]
+    """Search returns one page of the user's messages matching a query, newest first by default."""
+    Reindex: _grpc.UnaryStreamMultiCallable[_search_service_pb2.ReindexRequest, _search_service_pb2.ReindexResponse]
+    """Reindex rebuilds the search documents of one user, or of every user, from the mailbox
+    store (the recovery path when an index is lost); it streams its progress. Administrative.
+    """
+    GetIndexStatus: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.GetIndexStatusRequest, _search_service_pb2.GetIndexStatusResponse]
+    """GetIndexStatus reports the backend, the number of documents and the events not yet indexed."""
 
 @_typing.type_check_only
 class SearchServiceAsyncStub(SearchServiceStub):
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Search: _aio.UnaryUnaryMultiCallable[_search_service_pb2.SearchRequest, _search_service_pb2.SearchResponse]  # type: ignore[assignment]
+    """Search returns one page of the user's messages matching a query, newest first by default."""
+    Reindex: _aio.UnaryStreamMultiCallable[_search_service_pb2.ReindexRequest, _search_service_pb2.ReindexResponse]  # type: ignore[assignment]
+    """Reindex rebuilds the search documents of one user, or of every user, from the mailbox
+    store (the recovery path when an index is lost); it streams its progress. Administrative.
+    """
+    GetIndexStatus: _aio.UnaryUnaryMultiCallable[_search_service_pb2.GetIndexStatusRequest, _search_service_pb2.GetIndexStatusResponse]  # type: ignore[assignment]
+    """GetIndexStatus reports the backend, the number of documents and the events not yet indexed."""
 
 class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
-    """SearchService is the gRPC face of svc_search. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SearchService answers Gmail-style queries over the mail of one user at a time and rebuilds
+    the search documents from the mailbox. Mailbox-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user) and are checked against the acting user;
+    no query, page token or field can reach another user's documents.
     """
 
-    ...
+    @_abc_1.abstractmethod
+    def Search(
+        self,
+        request: _search_service_pb2.SearchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_service_pb2.SearchResponse, _abc.Awaitable[_search_service_pb2.SearchResponse]]:
+        """Search returns one page of the user's messages matching a query, newest first by default."""
+
+    @_abc_1.abstractmethod
+    def Reindex(
+        self,
+        request: _search_service_pb2.ReindexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_search_service_pb2.ReindexResponse], _abc.AsyncIterator[_search_service_pb2.ReindexResponse]]:
+        """Reindex rebuilds the search documents of one user, or of every user, from the mailbox
+        store (the recovery path when an index is lost); it streams its progress. Administrative.
+        """
+
+    @_abc_1.abstractmethod
+    def GetIndexStatus(
+        self,
+        request: _search_service_pb2.GetIndexStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_service_pb2.GetIndexStatusResponse, _abc.Awaitable[_search_service_pb2.GetIndexStatusResponse]]:
+        """GetIndexStatus reports the backend, the number of documents and the events not yet indexed."""
 
 def add_SearchServiceServicer_to_server(servicer: SearchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

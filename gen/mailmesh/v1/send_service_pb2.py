@@ -22,15 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from mailmesh.v1 import events_pb2 as mailmesh_dot_v1_dot_events__pb2
+from mailmesh.v1 import types_pb2 as mailmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emailmesh/v1/send_service.proto\x12\x0bmailmesh.v12\r\n\x0bSendServiceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emailmesh/v1/send_service.proto\x12\x0bmailmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18mailmesh/v1/events.proto\x1a\x17mailmesh/v1/types.proto\"k\n\x12OutgoingAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ncontent_id\x18\x04 \x01(\t\x12\x0e\n\x06inline\x18\x05 \x01(\x08\"\x92\x03\n\x0bSendRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12 \n\x02to\x18\x02 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12 \n\x02\x63\x63\x18\x03 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12!\n\x03\x62\x63\x63\x18\x04 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x11\n\ttext_body\x18\x06 \x01(\t\x12\x11\n\thtml_body\x18\x07 \x01(\t\x12\x34\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x1f.mailmesh.v1.OutgoingAttachment\x12\x1b\n\x13reply_to_message_id\x18\t \x01(\t\x12-\n\tsend_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12&\n\x08reply_to\x18\x0c \x03(\x0b\x32\x14.mailmesh.v1.Address\x12\x12\n\nfrom_email\x18\r \x01(\t\"\xb4\x01\n\x0cSendResponse\x12%\n\x07message\x18\x01 \x01(\x0b\x32\x14.mailmesh.v1.Message\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.mailmesh.v1.SendStatus\x12-\n\tsend_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11\x43\x61ncelSendRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12\x43\x61ncelSendResponse\x12%\n\x07message\x18\x01 \x01(\x0b\x32\x14.mailmesh.v1.Message\"\xef\x01\n\rScheduledSend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07send_id\x18\x02 \x01(\t\x12\x11\n\tthread_id\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x12\n\nrecipients\x18\x05 \x03(\t\x12-\n\tsend_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\x08 \x01(\x0e\x32\x17.mailmesh.v1.SendStatus\"M\n\x14ListScheduledRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x15ListScheduledResponse\x12\x33\n\x0fscheduled_sends\x18\x01 \x03(\x0b\x32\x1a.mailmesh.v1.ScheduledSend\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xfd\x04\n\nQueueEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x16\n\x0esender_user_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tmail_from\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x30\n\nrecipients\x18\x07 \x03(\x0b\x32\x1c.mailmesh.v1.RecipientStatus\x12+\n\x05state\x18\x08 \x01(\x0e\x32\x1c.mailmesh.v1.QueueEntryState\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x12\n\nlast_reply\x18\x0c \x01(\t\x12\x35\n\x11last_attempt_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x0f \x01(\t\x12\x0c\n\x04size\x18\x10 \x01(\x03\x12\x10\n\x08\x62lob_ref\x18\x11 \x01(\t\x12\x12\n\nremote_mta\x18\x12 \x01(\t\x12/\n\x0b\x66inish_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62ounce_pending\x18\x14 \x03(\t\x12\x15\n\rstatus_synced\x18\x15 \x01(\x08\x12\x0f\n\x07send_id\x18\x16 \x01(\t\"I\n\x10ListQueueRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x11ListQueueResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.mailmesh.v1.QueueEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14GetQueueEntryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x15GetQueueEntryResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.mailmesh.v1.QueueEntry\"&\n\x16RetryQueueEntryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x17RetryQueueEntryResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.mailmesh.v1.QueueEntry\"\'\n\x17\x43\x61ncelQueueEntryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x18\x43\x61ncelQueueEntryResponse\x12&\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x17.mailmesh.v1.QueueEntry\"\xbc\x02\n\nStoredSend\x12(\n\x04send\x18\x01 \x01(\x0b\x32\x1a.mailmesh.v1.ScheduledSend\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12,\n\x07inbound\x18\x04 \x01(\x0b\x32\x1b.mailmesh.v1.InboundMessage\x12/\n\x08outbound\x18\x05 \x03(\x0b\x32\x1d.mailmesh.v1.OutboundDelivery\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x18\n\x10local_recipients\x18\x07 \x03(\t\x12\x11\n\topen_jobs\x18\x08 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\x0c\n\x04size\x18\n \x01(\x03\x12\x10\n\x08\x62lob_ref\x18\x0b \x01(\t*\x8d\x01\n\nSendStatus\x12\x1b\n\x17SEND_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12SEND_STATUS_QUEUED\x10\x01\x12\x19\n\x15SEND_STATUS_SCHEDULED\x10\x02\x12\x14\n\x10SEND_STATUS_SENT\x10\x03\x12\x19\n\x15SEND_STATUS_CANCELLED\x10\x04*\xd3\x01\n\x0fQueueEntryState\x12!\n\x1dQUEUE_ENTRY_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18QUEUE_ENTRY_STATE_QUEUED\x10\x01\x12\x1e\n\x1aQUEUE_ENTRY_STATE_DEFERRED\x10\x02\x12\x1f\n\x1bQUEUE_ENTRY_STATE_DELIVERED\x10\x03\x12\x1d\n\x19QUEUE_ENTRY_STATE_BOUNCED\x10\x04\x12\x1f\n\x1bQUEUE_ENTRY_STATE_CANCELLED\x10\x05\x32\xd4\x04\n\x0bSendService\x12;\n\x04Send\x12\x18.mailmesh.v1.SendRequest\x1a\x19.mailmesh.v1.SendResponse\x12M\n\nCancelSend\x12\x1e.mailmesh.v1.CancelSendRequest\x1a\x1f.mailmesh.v1.CancelSendResponse\x12V\n\rListScheduled\x12!.mailmesh.v1.ListScheduledRequest\x1a\".mailmesh.v1.ListScheduledResponse\x12J\n\tListQueue\x12\x1d.mailmesh.v1.ListQueueRequest\x1a\x1e.mailmesh.v1.ListQueueResponse\x12V\n\rGetQueueEntry\x12!.mailmesh.v1.GetQueueEntryRequest\x1a\".mailmesh.v1.GetQueueEntryResponse\x12\\\n\x0fRetryQueueEntry\x12#.mailmesh.v1.RetryQueueEntryRequest\x1a$.mailmesh.v1.RetryQueueEntryResponse\x12_\n\x10\x43\x61ncelQueueEntry\x12$.mailmesh.v1.CancelQueueEntryRequest\x1a%.mailmesh.v1.CancelQueueEntryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailmesh.v1.send_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SENDSERVICE']._serialized_start=47
-  _globals['_SENDSERVICE']._serialized_end=60
+  _globals['_SENDSTATUS']._serialized_start=2790
+  _globals['_SENDSTATUS']._serialized_end=2931
+  _globals['_QUEUEENTRYSTATE']._serialized_start=2934
+  _globals['_QUEUEENTRYSTATE']._serialized_end=3145
+  _globals['_OUTGOINGATTACHMENT']._serialized_start=131
+  _globals['_OUTGOINGATTACHMENT']._serialized_end=238
+  _globals['_SENDREQUEST']._serialized_start=241
+  _globals['_SENDREQUEST']._serialized_end=643
+  _globals['_SENDRESPONSE']._serialized_start=646
+  _globals['_SENDRESPONSE']._serialized_end=826
+  _globals['_CANCELSENDREQUEST']._serialized_start=828
+  _globals['_CANCELSENDREQUEST']._serialized_end=861
+  _globals['_CANCELSENDRESPONSE']._serialized_start=863
+  _globals['_CANCELSENDRESPONSE']._serialized_end=922
+  _globals['_SCHEDULEDSEND']._serialized_start=925
+  _globals['_SCHEDULEDSEND']._serialized_end=1164
+  _globals['_LISTSCHEDULEDREQUEST']._serialized_start=1166
+  _globals['_LISTSCHEDULEDREQUEST']._serialized_end=1243
+  _globals['_LISTSCHEDULEDRESPONSE']._serialized_start=1245
+  _globals['_LISTSCHEDULEDRESPONSE']._serialized_end=1346
+  _globals['_QUEUEENTRY']._serialized_start=1349
+  _globals['_QUEUEENTRY']._serialized_end=1986
+  _globals['_LISTQUEUEREQUEST']._serialized_start=1988
+  _globals['_LISTQUEUEREQUEST']._serialized_end=2061
+  _globals['_LISTQUEUERESPONSE']._serialized_start=2063
+  _globals['_LISTQUEUERESPONSE']._serialized_end=2149
+  _globals['_GETQUEUEENTRYREQUEST']._serialized_start=2151
+  _globals['_GETQUEUEENTRYREQUEST']._serialized_end=2187
+  _globals['_GETQUEUEENTRYRESPONSE']._serialized_start=2189
+  _globals['_GETQUEUEENTRYRESPONSE']._serialized_end=2252
+  _globals['_RETRYQUEUEENTRYREQUEST']._serialized_start=2254
+  _globals['_RETRYQUEUEENTRYREQUEST']._serialized_end=2292
+  _globals['_RETRYQUEUEENTRYRESPONSE']._serialized_start=2294
+  _globals['_RETRYQUEUEENTRYRESPONSE']._serialized_end=2359
+  _globals['_CANCELQUEUEENTRYREQUEST']._serialized_start=2361
+  _globals['_CANCELQUEUEENTRYREQUEST']._serialized_end=2400
+  _globals['_CANCELQUEUEENTRYRESPONSE']._serialized_start=2402
+  _globals['_CANCELQUEUEENTRYRESPONSE']._serialized_end=2468
+  _globals['_STOREDSEND']._serialized_start=2471
+  _globals['_STOREDSEND']._serialized_end=2787
+  _globals['_SENDSERVICE']._serialized_start=3148
+  _globals['_SENDSERVICE']._serialized_end=3744
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,803 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from mailmesh.v1 import events_pb2 as _events_pb2
+from mailmesh.v1 import types_pb2 as _types_pb2
+import builtins as _builtins
+import sys
+import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
+else:
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SendStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SendStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SendStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEND_STATUS_UNSPECIFIED: _SendStatus.ValueType  # 0
+    """Never sent; readers reject it."""
+    SEND_STATUS_QUEUED: _SendStatus.ValueType  # 1
+    """Held for the undo window; delivery starts at send_time."""
+    SEND_STATUS_SCHEDULED: _SendStatus.ValueType  # 2
+    """Held until its scheduled send_time."""
+    SEND_STATUS_SENT: _SendStatus.ValueType  # 3
+    """Released: handed to local delivery and the outbound queue."""
+    SEND_STATUS_CANCELLED: _SendStatus.ValueType  # 4
+    """Cancelled before release; the message is in DRAFTS."""
+
+class SendStatus(_SendStatus, metaclass=_SendStatusEnumTypeWrapper):
+    """SendStatus is where a send is in its life."""
+
+SEND_STATUS_UNSPECIFIED: SendStatus.ValueType  # 0
+"""Never sent; readers reject it."""
+SEND_STATUS_QUEUED: SendStatus.ValueType  # 1
+"""Held for the undo window; delivery starts at send_time."""
+SEND_STATUS_SCHEDULED: SendStatus.ValueType  # 2
+"""Held until its scheduled send_time."""
+SEND_STATUS_SENT: SendStatus.ValueType  # 3
+"""Released: handed to local delivery and the outbound queue."""
+SEND_STATUS_CANCELLED: SendStatus.ValueType  # 4
+"""Cancelled before release; the message is in DRAFTS."""
+Global___SendStatus: _TypeAlias = SendStatus  # noqa: Y015
+
+class _QueueEntryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QueueEntryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QueueEntryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUEUE_ENTRY_STATE_UNSPECIFIED: _QueueEntryState.ValueType  # 0
+    """Never sent; readers reject it."""
+    QUEUE_ENTRY_STATE_QUEUED: _QueueEntryState.ValueType  # 1
+    """Waiting for its first attempt."""
+    QUEUE_ENTRY_STATE_DEFERRED: _QueueEntryState.ValueType  # 2
+    """A temporary failure happened; another attempt is scheduled."""
+    QUEUE_ENTRY_STATE_DELIVERED: _QueueEntryState.ValueType  # 3
+    """Finished: every recipient was accepted."""
+    QUEUE_ENTRY_STATE_BOUNCED: _QueueEntryState.ValueType  # 4
+    """Finished: at least one recipient failed permanently (and bounced)."""
+    QUEUE_ENTRY_STATE_CANCELLED: _QueueEntryState.ValueType  # 5
+    """Finished: an operator cancelled it."""
+
+class QueueEntryState(_QueueEntryState, metaclass=_QueueEntryStateEnumTypeWrapper):
+    """QueueEntryState is where an outbound delivery is."""
+
+QUEUE_ENTRY_STATE_UNSPECIFIED: QueueEntryState.ValueType  # 0
+"""Never sent; readers reject it."""
+QUEUE_ENTRY_STATE_QUEUED: QueueEntryState.ValueType  # 1
+"""Waiting for its first attempt."""
+QUEUE_ENTRY_STATE_DEFERRED: QueueEntryState.ValueType  # 2
+"""A temporary failure happened; another attempt is scheduled."""
+QUEUE_ENTRY_STATE_DELIVERED: QueueEntryState.ValueType  # 3
+"""Finished: every recipient was accepted."""
+QUEUE_ENTRY_STATE_BOUNCED: QueueEntryState.ValueType  # 4
+"""Finished: at least one recipient failed permanently (and bounced)."""
+QUEUE_ENTRY_STATE_CANCELLED: QueueEntryState.ValueType  # 5
+"""Finished: an operator cancelled it."""
+Global___QueueEntryState: _TypeAlias = QueueEntryState  # noqa: Y015
+
+@_typing.final
+class OutgoingAttachment(_message.Message):
+    """OutgoingAttachment is one file attached to a message being sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILENAME_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CONTENT_ID_FIELD_NUMBER: _builtins.int
+    INLINE_FIELD_NUMBER: _builtins.int
+    filename: _builtins.str
+    """File name shown to the recipient, e.g. "report.pdf"."""
+    mime_type: _builtins.str
+    """MIME type; empty: guessed from the file name, else "application/octet-stream"."""
+    data: _builtins.bytes
+    """The file's bytes."""
+    content_id: _builtins.str
+    """Content-ID (without angle brackets) for an inline part referenced from the HTML as "cid:..."."""
+    inline: _builtins.bool
+    """True to attach inline (Content-Disposition: inline) instead of as an attachment."""
+    def __init__(
+        self,
+        *,
+        filename: _builtins.str = ...,
+        mime_type: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        content_id: _builtins.str = ...,
+        inline: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_id", b"content_id", "data", b"data", "filename", b"filename", "inline", b"inline", "mime_type", b"mime_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutgoingAttachment: _TypeAlias = OutgoingAttachment  # noqa: Y015
+
+@_typing.final
+class SendRequest(_message.Message):
+    """SendRequest describes a message to compose and send."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    CC_FIELD_NUMBER: _builtins.int
+    BCC_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    TEXT_BODY_FIELD_NUMBER: _builtins.int
+    HTML_BODY_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    REPLY_TO_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    FROM_EMAIL_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" or "users/me": the sender."""
+    subject: _builtins.str
+    """Subject; empty on a reply: "Re: " and the replied-to message's subject."""
+    text_body: _builtins.str
+    """Plain-text body."""
+    html_body: _builtins.str
+    """HTML body; with text_body the message is multipart/alternative (a text part is derived
+    from the HTML when text_body is empty).
+    """
+    reply_to_message_id: _builtins.str
+    """Id of the message in the sender's mailbox this one replies to: sets In-Reply-To and
+    References so the reply joins its thread.
+    """
+    idempotency_key: _builtins.str
+    """Client idempotency key (at most 200 characters): a retried request returns the first
+    result and never sends twice.
+    """
+    from_email: _builtins.str
+    """Sending address: one of the account's addresses; empty uses the primary address."""
+    @_builtins.property
+    def to(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """To recipients."""
+
+    @_builtins.property
+    def cc(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Cc recipients."""
+
+    @_builtins.property
+    def bcc(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Bcc recipients: they get the message, but no delivered copy names them."""
+
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutgoingAttachment]:
+        """Attachments."""
+
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """Scheduled send: hold the message until this time; unset sends after the undo window."""
+
+    @_builtins.property
+    def reply_to(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Reply-To addresses, when replies should go elsewhere."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        to: _abc.Iterable[_types_pb2.Address] | None = ...,
+        cc: _abc.Iterable[_types_pb2.Address] | None = ...,
+        bcc: _abc.Iterable[_types_pb2.Address] | None = ...,
+        subject: _builtins.str = ...,
+        text_body: _builtins.str = ...,
+        html_body: _builtins.str = ...,
+        attachments: _abc.Iterable[Global___OutgoingAttachment] | None = ...,
+        reply_to_message_id: _builtins.str = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+        idempotency_key: _builtins.str = ...,
+        reply_to: _abc.Iterable[_types_pb2.Address] | None = ...,
+        from_email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "from_email", b"from_email", "html_body", b"html_body", "idempotency_key", b"idempotency_key", "parent", b"parent", "reply_to", b"reply_to", "reply_to_message_id", b"reply_to_message_id", "send_time", b"send_time", "subject", b"subject", "text_body", b"text_body", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendRequest: _TypeAlias = SendRequest  # noqa: Y015
+
+@_typing.final
+class SendResponse(_message.Message):
+    """SendResponse says what became of the message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """Id of the message in the sender's mailbox."""
+    thread_id: _builtins.str
+    """Id of the thread the message joined."""
+    status: Global___SendStatus.ValueType
+    """QUEUED (undo window) or SCHEDULED; SENT when the request repeats one already released."""
+    @_builtins.property
+    def message(self) -> _types_pb2.Message:
+        """The message as stored in the sender's SENT (MINIMAL format)."""
+
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """When delivery starts (end of the undo window, or the scheduled time)."""
+
+    def __init__(
+        self,
+        *,
+        message: _types_pb2.Message | None = ...,
+        message_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        status: Global___SendStatus.ValueType = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "message_id", b"message_id", "send_time", b"send_time", "status", b"status", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
+
+@_typing.final
+class CancelSendRequest(_message.Message):
+    """CancelSendRequest names a held message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"users/{user_id}/messages/{message_id}" of the message in SENT."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSendRequest: _TypeAlias = CancelSendRequest  # noqa: Y015
+
+@_typing.final
+class CancelSendResponse(_message.Message):
+    """CancelSendResponse returns the cancelled message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _types_pb2.Message:
+        """The message, now in DRAFTS (MINIMAL format)."""
+
+    def __init__(
+        self,
+        *,
+        message: _types_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSendResponse: _TypeAlias = CancelSendResponse  # noqa: Y015
+
+@_typing.final
+class ScheduledSend(_message.Message):
+    """ScheduledSend is a send that is still held."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SEND_ID_FIELD_NUMBER: _builtins.int
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"users/{user_id}/messages/{message_id}" of the message in SENT."""
+    send_id: _builtins.str
+    """Id of the send (svc_send's own)."""
+    thread_id: _builtins.str
+    """Id of the thread of the message."""
+    subject: _builtins.str
+    """Subject of the message."""
+    status: Global___SendStatus.ValueType
+    """QUEUED (undo window), SCHEDULED, SENT or CANCELLED."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every recipient (To, Cc and Bcc)."""
+
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """When delivery starts."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the message was submitted."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        send_id: _builtins.str = ...,
+        thread_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        recipients: _abc.Iterable[_builtins.str] | None = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___SendStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "send_time", b"send_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "recipients", b"recipients", "send_id", b"send_id", "send_time", b"send_time", "status", b"status", "subject", b"subject", "thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduledSend: _TypeAlias = ScheduledSend  # noqa: Y015
+
+@_typing.final
+class ListScheduledRequest(_message.Message):
+    """ListScheduledRequest asks for a user's held sends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """"users/{user_id}" or "users/me"."""
+    page_size: _builtins.int
+    """Maximum entries to return (default 50, max 500)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledRequest: _TypeAlias = ListScheduledRequest  # noqa: Y015
+
+@_typing.final
+class ListScheduledResponse(_message.Message):
+    """ListScheduledResponse is one page of held sends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULED_SENDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def scheduled_sends(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduledSend]:
+        """Held sends, soonest send_time first."""
+
+    def __init__(
+        self,
+        *,
+        scheduled_sends: _abc.Iterable[Global___ScheduledSend] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "scheduled_sends", b"scheduled_sends"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduledResponse: _TypeAlias = ListScheduledResponse  # noqa: Y015
+
+@_typing.final
+class QueueEntry(_message.Message):
+    """QueueEntry is one outbound delivery: one message to the recipients of one remote domain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    SENDER_USER_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_REPLY_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    BLOB_REF_FIELD_NUMBER: _builtins.int
+    REMOTE_MTA_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    BOUNCE_PENDING_FIELD_NUMBER: _builtins.int
+    STATUS_SYNCED_FIELD_NUMBER: _builtins.int
+    SEND_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"queueEntries/{id}"."""
+    id: _builtins.str
+    """The job id (the OUTBOUND Nats-Msg-Id)."""
+    sender_user_id: _builtins.str
+    """Sending user."""
+    message: _builtins.str
+    """"users/{user_id}/messages/{message_id}" of the message in the sender's SENT."""
+    mail_from: _builtins.str
+    """RFC 5321 MAIL FROM; empty for the null sender."""
+    domain: _builtins.str
+    """Recipient domain."""
+    state: Global___QueueEntryState.ValueType
+    """Where the delivery is."""
+    attempts: _builtins.int
+    """Attempts made so far."""
+    last_reply: _builtins.str
+    """Last remote reply or error."""
+    subject: _builtins.str
+    """Subject of the message."""
+    size: _builtins.int
+    """Size of the signed message in bytes."""
+    blob_ref: _builtins.str
+    """Content address of the signed message in the blob store."""
+    remote_mta: _builtins.str
+    """The mail server that answered last, e.g. "mx.example.net [192.0.2.1]"."""
+    status_synced: _builtins.bool
+    """Bookkeeping: false until the recipients' states are recorded on the SENT message."""
+    send_id: _builtins.str
+    """Bookkeeping: id of the send the delivery belongs to."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.RecipientStatus]:
+        """Each recipient with its state, last reply and attempts."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery was queued."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (for QUEUED and DEFERRED)."""
+
+    @_builtins.property
+    def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last attempt ended."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The delivery gives up (and bounces) when still failing at this time."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the delivery finished (DELIVERED, BOUNCED, CANCELLED)."""
+
+    @_builtins.property
+    def bounce_pending(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Bookkeeping: recipients whose bounce notice is not yet in the sender's INBOX."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        id: _builtins.str = ...,
+        sender_user_id: _builtins.str = ...,
+        message: _builtins.str = ...,
+        mail_from: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        recipients: _abc.Iterable[_types_pb2.RecipientStatus] | None = ...,
+        state: Global___QueueEntryState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
+        last_reply: _builtins.str = ...,
+        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        subject: _builtins.str = ...,
+        size: _builtins.int = ...,
+        blob_ref: _builtins.str = ...,
+        remote_mta: _builtins.str = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+        bounce_pending: _abc.Iterable[_builtins.str] | None = ...,
+        status_synced: _builtins.bool = ...,
+        send_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "finish_time", b"finish_time", "last_attempt_time", b"last_attempt_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "blob_ref", b"blob_ref", "bounce_pending", b"bounce_pending", "create_time", b"create_time", "domain", b"domain", "expire_time", b"expire_time", "finish_time", b"finish_time", "id", b"id", "last_attempt_time", b"last_attempt_time", "last_reply", b"last_reply", "mail_from", b"mail_from", "message", b"message", "name", b"name", "next_attempt_time", b"next_attempt_time", "recipients", b"recipients", "remote_mta", b"remote_mta", "send_id", b"send_id", "sender_user_id", b"sender_user_id", "size", b"size", "state", b"state", "status_synced", b"status_synced", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueueEntry: _TypeAlias = QueueEntry  # noqa: Y015
+
+@_typing.final
+class ListQueueRequest(_message.Message):
+    """ListQueueRequest asks for a page of the outbound queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """Only deliveries to this domain, when set."""
+    page_size: _builtins.int
+    """Maximum entries to return (default 100, max 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueueRequest: _TypeAlias = ListQueueRequest  # noqa: Y015
+
+@_typing.final
+class ListQueueResponse(_message.Message):
+    """ListQueueResponse is one page of the outbound queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueEntry]:
+        """Unfinished deliveries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___QueueEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueueResponse: _TypeAlias = ListQueueResponse  # noqa: Y015
+
+@_typing.final
+class GetQueueEntryRequest(_message.Message):
+    """GetQueueEntryRequest names a delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"queueEntries/{id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueEntryRequest: _TypeAlias = GetQueueEntryRequest  # noqa: Y015
+
+@_typing.final
+class GetQueueEntryResponse(_message.Message):
+    """GetQueueEntryResponse returns a delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___QueueEntry:
+        """The delivery."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___QueueEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueEntryResponse: _TypeAlias = GetQueueEntryResponse  # noqa: Y015
+
+@_typing.final
+class RetryQueueEntryRequest(_message.Message):
+    """RetryQueueEntryRequest names a delivery to retry now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"queueEntries/{id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryQueueEntryRequest: _TypeAlias = RetryQueueEntryRequest  # noqa: Y015
+
+@_typing.final
+class RetryQueueEntryResponse(_message.Message):
+    """RetryQueueEntryResponse returns the delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___QueueEntry:
+        """The delivery, with its next attempt due now."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___QueueEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryQueueEntryResponse: _TypeAlias = RetryQueueEntryResponse  # noqa: Y015
+
+@_typing.final
+class CancelQueueEntryRequest(_message.Message):
+    """CancelQueueEntryRequest names a delivery to give up."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"queueEntries/{id}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelQueueEntryRequest: _TypeAlias = CancelQueueEntryRequest  # noqa: Y015
+
+@_typing.final
+class CancelQueueEntryResponse(_message.Message):
+    """CancelQueueEntryResponse returns the delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___QueueEntry:
+        """The delivery, CANCELLED."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___QueueEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelQueueEntryResponse: _TypeAlias = CancelQueueEntryResponse  # noqa: Y015
+
+@_typing.final
+class StoredSend(_message.Message):
+    """StoredSend is how svc_send keeps a held send in its store (send.db); no RPC carries it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEND_FIELD_NUMBER: _builtins.int
+    SENDER_USER_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    INBOUND_FIELD_NUMBER: _builtins.int
+    OUTBOUND_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    LOCAL_RECIPIENTS_FIELD_NUMBER: _builtins.int
+    OPEN_JOBS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    BLOB_REF_FIELD_NUMBER: _builtins.int
+    sender_user_id: _builtins.str
+    """The sending user."""
+    message_id: _builtins.str
+    """Id of the message in the sender's SENT."""
+    traceparent: _builtins.str
+    """W3C traceparent of the Send, so that delivery joins its trace."""
+    open_jobs: _builtins.int
+    """Deliveries of this send not finished yet; the signed blob is removed after the last."""
+    idempotency_key: _builtins.str
+    """The client's idempotency key, forgotten with the send."""
+    size: _builtins.int
+    """Size of the signed delivery copy in bytes."""
+    blob_ref: _builtins.str
+    """Content address of the signed delivery copy in the blob store."""
+    @_builtins.property
+    def send(self) -> Global___ScheduledSend:
+        """The send as ListScheduled shows it."""
+
+    @_builtins.property
+    def inbound(self) -> _events_pb2.InboundMessage:
+        """Delivery to local recipients, published to INBOUND at release; absent without any."""
+
+    @_builtins.property
+    def outbound(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.OutboundDelivery]:
+        """Deliveries to remote domains, published to OUTBOUND at release."""
+
+    @_builtins.property
+    def local_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Local recipients (as written), marked delivered once INBOUND has the message."""
+
+    def __init__(
+        self,
+        *,
+        send: Global___ScheduledSend | None = ...,
+        sender_user_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        inbound: _events_pb2.InboundMessage | None = ...,
+        outbound: _abc.Iterable[_events_pb2.OutboundDelivery] | None = ...,
+        traceparent: _builtins.str = ...,
+        local_recipients: _abc.Iterable[_builtins.str] | None = ...,
+        open_jobs: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+        size: _builtins.int = ...,
+        blob_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "send", b"send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "idempotency_key", b"idempotency_key", "inbound", b"inbound", "local_recipients", b"local_recipients", "message_id", b"message_id", "open_jobs", b"open_jobs", "outbound", b"outbound", "send", b"send", "sender_user_id", b"sender_user_id", "size", b"size", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredSend: _TypeAlias = StoredSend  # noqa: Y015

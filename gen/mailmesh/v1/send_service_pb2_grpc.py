@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mailmesh.v1 import send_service_pb2 as mailmesh_dot_v1_dot_send__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -25,9 +26,9 @@ if _version_not_supported:
 
 
 class SendServiceStub:
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
 
     def __init__(self, channel):
@@ -36,17 +37,138 @@ class SendServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Send = channel.unary_unary(
+                '/mailmesh.v1.SendService/Send',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.SendRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.SendResponse.FromString,
+                _registered_method=True)
+        self.CancelSend = channel.unary_unary(
+                '/mailmesh.v1.SendService/CancelSend',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.CancelSendRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.CancelSendResponse.FromString,
+                _registered_method=True)
+        self.ListScheduled = channel.unary_unary(
+                '/mailmesh.v1.SendService/ListScheduled',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.ListScheduledRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.ListScheduledResponse.FromString,
+                _registered_method=True)
+        self.ListQueue = channel.unary_unary(
+                '/mailmesh.v1.SendService/ListQueue',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.ListQueueRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.ListQueueResponse.FromString,
+                _registered_method=True)
+        self.GetQueueEntry = channel.unary_unary(
+                '/mailmesh.v1.SendService/GetQueueEntry',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryResponse.FromString,
+                _registered_method=True)
+        self.RetryQueueEntry = channel.unary_unary(
+                '/mailmesh.v1.SendService/RetryQueueEntry',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryResponse.FromString,
+                _registered_method=True)
+        self.CancelQueueEntry = channel.unary_unary(
+                '/mailmesh.v1.SendService/CancelQueueEntry',
+                request_serializer=mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryRequest.SerializeToString,
+                response_deserializer=mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryResponse.FromString,
+                _registered_method=True)
 
 
 class SendServiceServicer:
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
+
+    def Send(self, request, context):
+        """Send composes a message, stores it in the sender's SENT and queues it for delivery after
+        the undo window (or at its scheduled time). Idempotent on idempotency_key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSend(self, request, context):
+        """CancelSend stops a send that is still held (undo window or scheduled) and moves the message
+        to DRAFTS; once delivery has started it answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListScheduled(self, request, context):
+        """ListScheduled lists a user's sends that are still held, soonest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueue(self, request, context):
+        """ListQueue lists the outbound deliveries that are not finished, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueEntry(self, request, context):
+        """GetQueueEntry returns one outbound delivery, finished or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryQueueEntry(self, request, context):
+        """RetryQueueEntry makes a waiting delivery's next attempt happen now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelQueueEntry(self, request, context):
+        """CancelQueueEntry gives up a delivery: its pending recipients bounce (with a DSN to the sender).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
 
 def add_SendServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Send': grpc.unary_unary_rpc_method_handler(
+                    servicer.Send,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.SendRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.SendResponse.SerializeToString,
+            ),
+            'CancelSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSend,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.CancelSendRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.CancelSendResponse.SerializeToString,
+            ),
+            'ListScheduled': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScheduled,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.ListScheduledRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.ListScheduledResponse.SerializeToString,
+            ),
+            'ListQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueue,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.ListQueueRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.ListQueueResponse.SerializeToString,
+            ),
+            'GetQueueEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueEntry,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryResponse.SerializeToString,
+            ),
+            'RetryQueueEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryQueueEntry,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryResponse.SerializeToString,
+            ),
+            'CancelQueueEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelQueueEntry,
+                    request_deserializer=mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryRequest.FromString,
+                    response_serializer=mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mailmesh.v1.SendService', rpc_method_handlers)
@@ -56,7 +178,196 @@ def add_SendServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SendService:
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
+
+    @staticmethod
+    def Send(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/Send',
+            mailmesh_dot_v1_dot_send__service__pb2.SendRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/CancelSend',
+            mailmesh_dot_v1_dot_send__service__pb2.CancelSendRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.CancelSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListScheduled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/ListScheduled',
+            mailmesh_dot_v1_dot_send__service__pb2.ListScheduledRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.ListScheduledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/ListQueue',
+            mailmesh_dot_v1_dot_send__service__pb2.ListQueueRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.ListQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/GetQueueEntry',
+            mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.GetQueueEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryQueueEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/RetryQueueEntry',
+            mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.RetryQueueEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelQueueEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailmesh.v1.SendService/CancelQueueEntry',
+            mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryRequest.SerializeToString,
+            mailmesh_dot_v1_dot_send__service__pb2.CancelQueueEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

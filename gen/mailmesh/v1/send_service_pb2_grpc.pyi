@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from mailmesh.v1 import send_service_pb2 as _send_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -26,31 +27,125 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class SendServiceStub:
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SendServiceAsyncStub: ...
+    Send: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.SendRequest, _send_service_pb2.SendResponse]
+    """Send composes a message, stores it in the sender's SENT and queues it for delivery after
+    the undo window (or at its scheduled time). Idempotent on idempotency_key.
+    """
+    CancelSend: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.CancelSendRequest, _send_service_pb2.CancelSendResponse]
+    """CancelSend stops a send that is still held (undo window or scheduled) and moves the message
+    to DRAFTS; once delivery has started it answers FAILED_PRECONDITION.
+    """
+    ListScheduled: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.ListScheduledRequest, _send_service_pb2.ListScheduledResponse]
+    """ListScheduled lists a user's sends that are still held, soonest first."""
+    ListQueue: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.ListQueueRequest, _send_service_pb2.ListQueueResponse]
+    """ListQueue lists the outbound deliveries that are not finished, oldest first."""
+    GetQueueEntry: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.GetQueueEntryRequest, _send_service_pb2.GetQueueEntryResponse]
+    """GetQueueEntry returns one outbound delivery, finished or not."""
+    RetryQueueEntry: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.RetryQueueEntryRequest, _send_service_pb2.RetryQueueEntryResponse]
+    """RetryQueueEntry makes a waiting delivery's next attempt happen now."""
+    CancelQueueEntry: _grpc.UnaryUnaryMultiCallable[_send_service_pb2.CancelQueueEntryRequest, _send_service_pb2.CancelQueueEntryResponse]
+    """CancelQueueEntry gives up a delivery: its pending recipients bounce (with a DSN to the sender)."""
 
 @_typing.type_check_only
 class SendServiceAsyncStub(SendServiceStub):
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Send: _aio.UnaryUnaryMultiCallable[_send_service_pb2.SendRequest, _send_service_pb2.SendResponse]  # type: ignore[assignment]
+    """Send composes a message, stores it in the sender's SENT and queues it for delivery after
+    the undo window (or at its scheduled time). Idempotent on idempotency_key.
+    """
+    CancelSend: _aio.UnaryUnaryMultiCallable[_send_service_pb2.CancelSendRequest, _send_service_pb2.CancelSendResponse]  # type: ignore[assignment]
+    """CancelSend stops a send that is still held (undo window or scheduled) and moves the message
+    to DRAFTS; once delivery has started it answers FAILED_PRECONDITION.
+    """
+    ListScheduled: _aio.UnaryUnaryMultiCallable[_send_service_pb2.ListScheduledRequest, _send_service_pb2.ListScheduledResponse]  # type: ignore[assignment]
+    """ListScheduled lists a user's sends that are still held, soonest first."""
+    ListQueue: _aio.UnaryUnaryMultiCallable[_send_service_pb2.ListQueueRequest, _send_service_pb2.ListQueueResponse]  # type: ignore[assignment]
+    """ListQueue lists the outbound deliveries that are not finished, oldest first."""
+    GetQueueEntry: _aio.UnaryUnaryMultiCallable[_send_service_pb2.GetQueueEntryRequest, _send_service_pb2.GetQueueEntryResponse]  # type: ignore[assignment]
+    """GetQueueEntry returns one outbound delivery, finished or not."""
+    RetryQueueEntry: _aio.UnaryUnaryMultiCallable[_send_service_pb2.RetryQueueEntryRequest, _send_service_pb2.RetryQueueEntryResponse]  # type: ignore[assignment]
+    """RetryQueueEntry makes a waiting delivery's next attempt happen now."""
+    CancelQueueEntry: _aio.UnaryUnaryMultiCallable[_send_service_pb2.CancelQueueEntryRequest, _send_service_pb2.CancelQueueEntryResponse]  # type: ignore[assignment]
+    """CancelQueueEntry gives up a delivery: its pending recipients bounce (with a DSN to the sender)."""
 
 class SendServiceServicer(metaclass=_abc_1.ABCMeta):
-    """SendService is the gRPC face of svc_send. Its RPCs are added with the issue that implements
-    them, so that no declared RPC ever answers UNIMPLEMENTED; until then the service answers
-    only the standard gRPC health and reflection services.
+    """SendService is svc_send's gRPC face: composing and sending mail for users (with undo and
+    scheduled send), and the outbound queue for operators. Send-scoped calls name the user as
+    "users/{user_id}" (or "users/me" for the acting user); queue calls are administrative.
     """
 
-    ...
+    @_abc_1.abstractmethod
+    def Send(
+        self,
+        request: _send_service_pb2.SendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.SendResponse, _abc.Awaitable[_send_service_pb2.SendResponse]]:
+        """Send composes a message, stores it in the sender's SENT and queues it for delivery after
+        the undo window (or at its scheduled time). Idempotent on idempotency_key.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelSend(
+        self,
+        request: _send_service_pb2.CancelSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.CancelSendResponse, _abc.Awaitable[_send_service_pb2.CancelSendResponse]]:
+        """CancelSend stops a send that is still held (undo window or scheduled) and moves the message
+        to DRAFTS; once delivery has started it answers FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ListScheduled(
+        self,
+        request: _send_service_pb2.ListScheduledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.ListScheduledResponse, _abc.Awaitable[_send_service_pb2.ListScheduledResponse]]:
+        """ListScheduled lists a user's sends that are still held, soonest first."""
+
+    @_abc_1.abstractmethod
+    def ListQueue(
+        self,
+        request: _send_service_pb2.ListQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.ListQueueResponse, _abc.Awaitable[_send_service_pb2.ListQueueResponse]]:
+        """ListQueue lists the outbound deliveries that are not finished, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetQueueEntry(
+        self,
+        request: _send_service_pb2.GetQueueEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.GetQueueEntryResponse, _abc.Awaitable[_send_service_pb2.GetQueueEntryResponse]]:
+        """GetQueueEntry returns one outbound delivery, finished or not."""
+
+    @_abc_1.abstractmethod
+    def RetryQueueEntry(
+        self,
+        request: _send_service_pb2.RetryQueueEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.RetryQueueEntryResponse, _abc.Awaitable[_send_service_pb2.RetryQueueEntryResponse]]:
+        """RetryQueueEntry makes a waiting delivery's next attempt happen now."""
+
+    @_abc_1.abstractmethod
+    def CancelQueueEntry(
+        self,
+        request: _send_service_pb2.CancelQueueEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_send_service_pb2.CancelQueueEntryResponse, _abc.Awaitable[_send_service_pb2.CancelQueueEntryResponse]]:
+        """CancelQueueEntry gives up a delivery: its pending recipients bounce (with a DSN to the sender)."""
 
 def add_SendServiceServicer_to_server(servicer: SendServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

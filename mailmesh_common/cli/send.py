@@ -1,0 +1,224 @@
+"""`mailmesh dkim keygen` and `mailmesh queue list|show|retry|cancel`.
+
+keygen writes the key into the data dir, where svc_send picks it up for the next message, and
+prints the DNS TXT record to publish. The queue commands are system calls to the running
+svc_send's SendService (the mesh token from the data dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from mailmesh.v1 import send_service_pb2 as spb
+from mailmesh.v1 import send_service_pb2_grpc as spb_grpc
+from mailmesh.v1 import types_pb2
+
+from mailmesh_common import auth
+from mailmesh_common.cli.status import read_endpoints
+from mailmesh_common.config import Settings, load_settings
+from mailmesh_common.errors import MailmeshError
+
+T = TypeVar("T")
+TIMEOUT_S = 15.0
+_STATE = {v: k.removeprefix("QUEUE_ENTRY_STATE_").lower() for k, v in spb.QueueEntryState.items()}
+ALGORITHMS = ("rsa", "ed25519")  # svc_send.dkim_keys (imported only when a key is made)
+DEFAULT_SELECTOR = "mail"
+_RCPT_STATE = {v: k.removeprefix("RECIPIENT_STATE_").lower() for k, v in types_pb2.RecipientState.items()}
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None))
+
+
+def _call(args: argparse.Namespace, fn: Callable[[spb_grpc.SendServiceStub, Any], Awaitable[T]]) -> T:
+    settings = _settings(args)
+    md = ((auth.TOKEN_KEY, settings.token()),)
+    target = (read_endpoints(settings.data_dir) or {}).get("svc_send") or settings.addr("send")
+
+    async def go() -> T:
+        async with grpc.aio.insecure_channel(target) as ch:
+            return await fn(spb_grpc.SendServiceStub(ch), md)
+
+    return asyncio.run(go())
+
+
+def _fail(exc: grpc.aio.AioRpcError, what: str) -> int:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        print(f"mailmesh: {what}: the send service is not reachable (is `mailmesh up` running?)", file=sys.stderr)
+    else:
+        print(f"mailmesh: {what}: {exc.details()} ({exc.code().name})", file=sys.stderr)
+    return 1
+
+
+def _when(t: Timestamp) -> str:
+    if not t.seconds and not t.nanos:
+        return "-"
+    return datetime.fromtimestamp(t.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _age(t: Timestamp) -> str:
+    secs = max(0, int(datetime.now(UTC).timestamp()) - t.seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+# --- dkim ---------------------------------------------------------------------------------------
+
+def dkim_keygen(args: argparse.Namespace) -> int:
+    from svc_send.dkim_keys import DkimKeyStore, dkim_root
+
+    settings = _settings(args)
+    try:
+        key = DkimKeyStore(dkim_root(settings.data_dir)).generate(args.domain, args.selector, args.algorithm,
+                                                                   force=args.force)
+    except MailmeshError as exc:
+        print(f"mailmesh: dkim keygen: {exc.message}", file=sys.stderr)
+        return 1
+    path = dkim_root(settings.data_dir) / key.domain / f"{key.selector}.key"
+    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) written to {path}")
+    print("Publish this TXT record, then mail from the domain is signed with it:")
+    print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
+    return 0
+
+
+# --- queue --------------------------------------------------------------------------------------
+
+def _entry_lines(e: spb.QueueEntry) -> list[str]:
+    lines = [f"id:            {e.id}",
+             f"state:         {_STATE.get(e.state, '?')}",
+             f"from:          <{e.mail_from}> (user {e.sender_user_id})",
+             f"message:       {e.message}",
+             f"subject:       {e.subject}",
+             f"domain:        {e.domain}",
+             f"size:          {e.size} bytes",
+             f"queued:        {_when(e.create_time)} ({_age(e.create_time)} ago)",
+             f"attempts:      {e.attempts}",
+             f"last attempt:  {_when(e.last_attempt_time)}" + (f" at {e.remote_mta}" if e.remote_mta else ""),
+             f"last reply:    {e.last_reply or '-'}",
+             f"next attempt:  {_when(e.next_attempt_time)}",
+             f"expires:       {_when(e.expire_time)}"]
+    if e.finish_time.seconds:
+        lines.append(f"finished:      {_when(e.finish_time)}")
+    lines.append("recipients:")
+    for r in e.recipients:
+        lines.append(f"  {r.email:<40} {_RCPT_STATE.get(r.state, '?'):<10} attempts={r.attempts} "
+                     f"{r.last_reply or ''}".rstrip())
+    return lines
+
+
+def queue_list(args: argparse.Namespace) -> int:
+    async def all_pages(stub: spb_grpc.SendServiceStub, md: Any) -> list[spb.QueueEntry]:
+        out: list[spb.QueueEntry] = []
+        token = ""
+        while True:
+            r = await stub.ListQueue(spb.ListQueueRequest(domain=args.domain or "", page_size=1000, page_token=token),
+                                     metadata=md, timeout=TIMEOUT_S)
+            out.extend(r.entries)
+            token = r.next_page_token
+            if not token or len(out) >= args.limit:
+                return out[:args.limit]
+
+    try:
+        entries = _call(args, all_pages)
+    except grpc.aio.AioRpcError as exc:
+        return _fail(exc, "queue list")
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(e) for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("the outbound queue is empty")
+        return 0
+    print(f"{'ID':<36} {'STATE':<9} {'AGE':>5} {'TRIES':>5} {'NEXT ATTEMPT':<23} {'FROM':<28} TO / LAST REPLY")
+    for e in entries:
+        waiting = [r.email for r in e.recipients if r.state in (types_pb2.RECIPIENT_STATE_QUEUED,
+                                                                 types_pb2.RECIPIENT_STATE_DEFERRED)]
+        print(f"{e.id:<36} {_STATE.get(e.state, '?'):<9} {_age(e.create_time):>5} {e.attempts:>5} "
+              f"{_when(e.next_attempt_time):<23} {e.mail_from[:28]:<28} {', '.join(waiting)}")
+        if e.last_reply:
+            print(f"{'':<36} last reply: {e.last_reply[:200]}")
+    print(f"{len(entries)} waiting")
+    return 0
+
+
+def _entry_command(rpc: str, verb: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        name = f"queueEntries/{args.id}"
+
+        async def go(stub: spb_grpc.SendServiceStub, md: Any) -> spb.QueueEntry:
+            req_type = getattr(spb, f"{rpc}Request")
+            r = await getattr(stub, rpc)(req_type(name=name), metadata=md, timeout=TIMEOUT_S)
+            return r.entry  # type: ignore[no-any-return]
+
+        try:
+            entry = _call(args, go)
+        except grpc.aio.AioRpcError as exc:
+            return _fail(exc, f"queue {verb}")
+        if getattr(args, "json", False):
+            print(json.dumps(json_format.MessageToDict(entry), indent=2))
+            return 0
+        if verb == "retry":
+            print(f"queue entry {entry.id}: next attempt now")
+        elif verb == "cancel":
+            print(f"queue entry {entry.id}: cancelled; its pending recipients bounced")
+        else:
+            print("\n".join(_entry_lines(entry)))
+        return 0
+
+    return run
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="data dir of the running mesh (for its internal token)")
+    p.add_argument("--config", help="TOML settings file")
+
+
+def add_send_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Adds `dkim` and `queue` to the `mailmesh` command."""
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dsub = dkim.add_subparsers(dest="dkim_command", metavar="COMMAND")
+    p = dsub.add_parser("keygen", help="create a DKIM key for a domain and print the TXT record to publish")
+    p.add_argument("--domain", required=True, help="the sending domain, e.g. example.com")
+    p.add_argument("--selector", default=DEFAULT_SELECTOR, help=f"DKIM selector (default {DEFAULT_SELECTOR})")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="rsa",
+                   help="rsa (2048-bit, rsa-sha256) or ed25519 (RFC 8463); default rsa")
+    p.add_argument("--force", action="store_true", help="replace an existing key of that selector")
+    _common(p)
+    p.set_defaults(func=dkim_keygen)
+    dkim.set_defaults(func=lambda _a: _usage(dkim))
+
+    queue = sub.add_parser("queue", help="the outbound queue (mail waiting for remote servers)")
+    qsub = queue.add_subparsers(dest="queue_command", metavar="COMMAND")
+    p = qsub.add_parser("list", help="what is waiting, for whom, since when, and why")
+    p.add_argument("--domain", help="only deliveries to this domain")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many entries (default 1000)")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=queue_list)
+    for verb, rpc, text in (("show", "GetQueueEntry", "one entry with each recipient's state"),
+                            ("retry", "RetryQueueEntry", "attempt a waiting entry now"),
+                            ("cancel", "CancelQueueEntry", "give up an entry; its pending recipients bounce")):
+        p = qsub.add_parser(verb, help=text)
+        p.add_argument("id", help="queue entry id (from `mailmesh queue list`)")
+        p.add_argument("--json", action="store_true")
+        _common(p)
+        p.set_defaults(func=_entry_command(rpc, verb))
+    queue.set_defaults(func=lambda _a: _usage(queue))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+__all__ = ["add_send_commands"]

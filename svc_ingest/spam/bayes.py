@@ -1,0 +1,374 @@
+"""The Bayesian token model: counts in the KV store, Robinson's f(w) and Fisher's chi-squared
+combining (as in SpamBayes).
+
+Combining (Gary Robinson, "A Statistical Approach to the Spam Problem", 2003; SpamBayes's
+chi2_spamprob): for each token w seen in s spam and h ham of S spam and H ham messages,
+
+    p(w) = (s/S) / (s/S + h/H)                 the token's spamminess from the class ratios
+    f(w) = (STRENGTH * X + n * p(w)) / (STRENGTH + n),  n = s + h   (s=1, x=0.5)
+
+then the MAX_DISCRIMINATORS tokens with |f(w) - 0.5| >= MIN_PROB_STRENGTH are combined with
+Fisher's method twice: S = 1 - chi2Q(-2 ln prod(1 - f), 2n) is the evidence for spam,
+H = 1 - chi2Q(-2 ln prod(f), 2n) for ham, and the indicator is (1 + S - H) / 2: near 1 spam,
+near 0 ham, near 0.5 unsure (both or neither).
+
+Per-user adjustment: a user's own training pools with the global counts, each user count
+weighing USER_WEIGHT global ones: s' = s_g + W s_u, S' = S_g + W S_u (likewise ham), so a
+user's corrections move exactly the tokens of the mail they judged and nothing else.
+
+Key layout (tuple keys in the filter's subspace, default ("spam",)):
+
+    ("g", "n", "s"|"h")                 counter: messages trained as spam / ham (global)
+    ("g", "t", token, "s"|"h")          counter: messages of that class with the token
+    ("g", "m", message_key)             chunked: class + tokens a message was trained with
+    ("u", user_id, ...)                 the same three families for one user's adjustments
+
+Counters use the atomic ADD so concurrent trainers on any replica never lose an update, and
+the training record makes training idempotent per message: retraining as the same class is a
+no-op, training as the other class first subtracts exactly what the record added. Bulk
+training merges a batch's updates into one ADD per counter. Counters that fall to zero stay
+as zero-valued keys (the KV API has no compare-and-clear); pruning rare tokens is left for
+later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from mailmesh_common.kv import (
+    Database,
+    Subspace,
+    Transaction,
+    TransactionTimedOut,
+    clear_chunked,
+    decode_counter,
+    get_chunked,
+    set_chunked,
+)
+
+__all__ = [
+    "MAX_DISCRIMINATORS",
+    "MAX_UPDATES_PER_TRANSACTION",
+    "MIN_PROB_STRENGTH",
+    "BayesModel",
+    "BayesResult",
+    "Counts",
+    "TrainItem",
+    "chi2_combine",
+    "token_prob",
+]
+
+STRENGTH = 1.0  # Robinson's s: how much weight the prior X has
+UNKNOWN_PROB = 0.5  # Robinson's x: the probability of a token never seen
+MIN_PROB_STRENGTH = 0.1  # tokens with |f - 0.5| below this are ignored
+MAX_DISCRIMINATORS = 150  # strongest tokens combined per message
+USER_WEIGHT = 5  # one user-trained message counts as this many global ones for that user
+READ_CHUNK = 128  # tokens looked up per read-only transaction (chunks run concurrently)
+# Bound on one training transaction: counter updates, counted before equal tokens of the
+# batch are merged. Keeps it far below FoundationDB's 5 s and 10 MB per transaction (a
+# transaction that still runs out of time is split and retried).
+MAX_UPDATES_PER_TRANSACTION = 10_000
+
+_SPAM = "s"
+_HAM = "h"
+_LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Trained-message counts of one model (global or one user)."""
+
+    spam: int = 0
+    ham: int = 0
+
+
+@dataclass(frozen=True)
+class BayesResult:
+    """The model's judgement of one token set."""
+
+    probability: float  # chi-squared indicator, 0 (ham) .. 1 (spam); 0.5 when not ready
+    ready: bool  # enough training on both sides to be trusted
+    clues: tuple[tuple[str, float], ...]  # the tokens used, strongest first, with f(w)
+    counts: Counts  # the global model's size
+
+
+def token_prob(spam: float, ham: float, nspam: float, nham: float) -> float:
+    """Robinson's f(w) for a token seen in `spam` of `nspam` and `ham` of `nham` messages."""
+    spamratio = spam / nspam if nspam > 0 else 0.0
+    hamratio = ham / nham if nham > 0 else 0.0
+    if spamratio + hamratio <= 0:
+        return UNKNOWN_PROB
+    p = spamratio / (spamratio + hamratio)
+    n = spam + ham
+    return (STRENGTH * UNKNOWN_PROB + n * p) / (STRENGTH + n)
+
+
+def _chi2q(x2: float, v: int) -> float:
+    """Probability that chi-squared with v (even) degrees of freedom is >= x2."""
+    m = x2 / 2.0
+    total = term = math.exp(-m)
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+def chi2_combine(probs: Sequence[float]) -> float:
+    """Fisher/Robinson chi-squared combining of token probabilities (SpamBayes chi2_spamprob)."""
+    if not probs:
+        return 0.5
+    s_prod = h_prod = 1.0
+    s_exp = h_exp = 0
+    for p in probs:
+        p = min(max(p, 1e-9), 1.0 - 1e-9)
+        s_prod *= 1.0 - p
+        h_prod *= p
+        if s_prod < 1e-200:  # keep the products in range: track the exponent separately
+            s_prod, e = math.frexp(s_prod)
+            s_exp += e
+        if h_prod < 1e-200:
+            h_prod, e = math.frexp(h_prod)
+            h_exp += e
+    s_log = math.log(s_prod) + s_exp * _LN2
+    h_log = math.log(h_prod) + h_exp * _LN2
+    n = len(probs)
+    s = 1.0 - _chi2q(-2.0 * s_log, 2 * n)
+    h = 1.0 - _chi2q(-2.0 * h_log, 2 * n)
+    return (s - h + 1.0) / 2.0
+
+
+def clues_of(counts: dict[str, tuple[float, float]], nspam: float, nham: float,
+             *, max_clues: int = MAX_DISCRIMINATORS) -> list[tuple[str, float]]:
+    """The strongest tokens (token, f(w)), strongest first; ties broken by token for
+    determinism. `counts` maps token -> (spam, ham) messages containing it."""
+    scored = []
+    for token, (s, h) in counts.items():
+        if s <= 0 and h <= 0:
+            continue
+        f = token_prob(s, h, nspam, nham)
+        strength = abs(f - 0.5)
+        if strength >= MIN_PROB_STRENGTH:
+            scored.append((-strength, token, f))
+    scored.sort()
+    return [(token, f) for _, token, f in scored[:max_clues]]
+
+
+def _encode_record(is_spam: bool, tokens: Sequence[str]) -> bytes:
+    body = "\n".join(tokens).encode("utf-8", "replace")
+    return (_SPAM if is_spam else _HAM).encode() + zlib.compress(body, 6)
+
+
+def _decode_record(value: bytes) -> tuple[bool, list[str]]:
+    is_spam = value[:1] == _SPAM.encode()
+    body = zlib.decompress(value[1:]).decode("utf-8", "replace")
+    return is_spam, body.split("\n") if body else []
+
+
+def _tuple_str(s: str) -> bytes:
+    """fdb.tuple encoding of one string element (type code 0x02, NUL escaped as 00 FF, then a
+    terminating NUL): what Subspace.pack produces, without its per-call cost on hot paths."""
+    return b"\x02" + s.encode("utf-8").replace(b"\x00", b"\x00\xff") + b"\x00"
+
+
+_CLS = {True: _tuple_str(_SPAM), False: _tuple_str(_HAM)}
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One message to learn: its idempotency key, its tokens and its class."""
+
+    key: str
+    tokens: Sequence[str]
+    is_spam: bool
+
+
+class _Scope:
+    """The keys of one model (global or one user) inside the filter's subspace."""
+
+    __slots__ = ("space", "tokens", "n_spam", "n_ham")
+
+    def __init__(self, space: Subspace) -> None:
+        self.space = space
+        self.tokens = space.pack(("t",))  # + _tuple_str(token) + _CLS[is_spam]
+        self.n_spam = space.pack(("n", _SPAM))
+        self.n_ham = space.pack(("n", _HAM))
+
+    def token_key(self, token: str, is_spam: bool) -> bytes:
+        return self.tokens + _tuple_str(token) + _CLS[is_spam]
+
+    def token_prefix(self, token: str) -> bytes:
+        return self.tokens + _tuple_str(token)
+
+    def record_key(self, key: str) -> bytes:
+        return self.space.pack(("m", key))
+
+    def count_key(self, is_spam: bool) -> bytes:
+        return self.n_spam if is_spam else self.n_ham
+
+
+class BayesModel:
+    """Token counts in the KV store: a global model plus per-user adjustments."""
+
+    def __init__(self, db: Database, space: Subspace, *, min_trained: int = 20) -> None:
+        self.db = db
+        self.space = space
+        # Below this many spam or ham messages the model abstains (probability 0.5).
+        self.min_trained = min_trained
+        self._global = _Scope(space.subspace(("g",)))
+
+    def _scope(self, user_id: str) -> _Scope:
+        return _Scope(self.space.subspace(("u", user_id))) if user_id else self._global
+
+    # --- reading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_counts(tr: Transaction, scope: _Scope) -> Counts:
+        return Counts(spam=max(0, decode_counter(tr.get(scope.n_spam))),
+                      ham=max(0, decode_counter(tr.get(scope.n_ham))))
+
+    async def counts(self, user_id: str = "") -> Counts:
+        """Messages trained as spam and as ham (global, or the user's own adjustments)."""
+        scope = self._scope(user_id)
+        return await self.db.run(lambda tr: self._read_counts(tr, scope), readonly=True)
+
+    @staticmethod
+    def _read_tokens(tr: Transaction, scope: _Scope,
+                     tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        spam_cls, ham_cls = _CLS[True], _CLS[False]
+        out: dict[str, tuple[int, int]] = {}
+        for token in tokens:
+            prefix = scope.token_prefix(token)
+            spam = ham = 0
+            for key, value in tr.get_range(prefix + b"\x00", prefix + b"\xff", limit=4):
+                cls = key[len(prefix):]
+                if cls == spam_cls:
+                    spam = max(0, decode_counter(value))
+                elif cls == ham_cls:
+                    ham = max(0, decode_counter(value))
+            if spam or ham:
+                out[token] = (spam, ham)
+        return out
+
+    async def token_counts(self, tokens: Sequence[str],
+                           user_id: str = "") -> dict[str, tuple[int, int]]:
+        """token -> (spam, ham) for the tokens the model has seen; read in concurrent chunks."""
+        scope = self._scope(user_id)
+        chunks = [tokens[i:i + READ_CHUNK] for i in range(0, len(tokens), READ_CHUNK)]
+
+        def reader(chunk: Sequence[str]) -> Callable[[Transaction], dict[str, tuple[int, int]]]:
+            return lambda tr: self._read_tokens(tr, scope, chunk)
+
+        parts = await asyncio.gather(*(self.db.run(reader(c), readonly=True) for c in chunks))
+        out: dict[str, tuple[int, int]] = {}
+        for part in parts:
+            out.update(part)
+        return out
+
+    async def score(self, tokens: Sequence[str], user_id: str = "") -> BayesResult:
+        """The chi-squared indicator of a token set, with the user's adjustments if any."""
+        glob = await self.counts()
+        if glob.spam < self.min_trained or glob.ham < self.min_trained:
+            return BayesResult(0.5, False, (), glob)
+        counts: dict[str, tuple[float, float]] = dict(await self.token_counts(tokens))
+        nspam: float = glob.spam
+        nham: float = glob.ham
+        if user_id:
+            mine = await self.counts(user_id)
+            if mine.spam or mine.ham:
+                nspam += USER_WEIGHT * mine.spam
+                nham += USER_WEIGHT * mine.ham
+                for token, (s, h) in (await self.token_counts(tokens, user_id)).items():
+                    gs, gh = counts.get(token, (0, 0))
+                    counts[token] = (gs + USER_WEIGHT * s, gh + USER_WEIGHT * h)
+        clues = clues_of(counts, nspam, nham)
+        return BayesResult(chi2_combine([f for _, f in clues]), True, tuple(clues), glob)
+
+    # --- training ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _apply(tr: Transaction, scope: _Scope, items: Sequence[TrainItem],
+               forget: bool = False) -> int:
+        """Train (or, with forget, untrain) items in one scope: read each training record,
+        merge every change into one delta per counter, write deltas and records. Returns
+        how many messages changed."""
+        deltas: dict[bytes, int] = defaultdict(int)
+        changed = 0
+        for item in items:
+            record_key = scope.record_key(item.key)
+            old = get_chunked(tr, record_key)
+            if old is not None:
+                was_spam, old_tokens = _decode_record(old)
+                if was_spam == item.is_spam and not forget:
+                    continue  # already trained this way: a no-op
+                deltas[scope.count_key(was_spam)] -= 1
+                for token in old_tokens:
+                    deltas[scope.token_key(token, was_spam)] -= 1
+            elif forget:
+                continue
+            changed += 1
+            if forget:
+                clear_chunked(tr, record_key)
+                continue
+            deltas[scope.count_key(item.is_spam)] += 1
+            for token in item.tokens:
+                deltas[scope.token_key(token, item.is_spam)] += 1
+            set_chunked(tr, record_key, _encode_record(item.is_spam, item.tokens))
+        for key, delta in deltas.items():
+            if delta:
+                tr.add(key, delta)
+        return changed
+
+    async def train_batch(self, items: Sequence[TrainItem], *,
+                          user_ids: Iterable[str] = ("",)) -> int:
+        """Count messages as spam or ham in each scope ("" = global). Idempotent per
+        (scope, key): a message already trained as the same class is skipped, one trained as
+        the other class is moved. Items sharing a key: the last one wins. Runs in as few
+        transactions as MAX_UPDATES_PER_TRANSACTION allows (a message is never split); returns
+        how many (scope, message) trainings changed something."""
+        scopes = [self._scope(u) for u in dict.fromkeys(user_ids)]
+        unique = list({item.key: TrainItem(item.key, list(dict.fromkeys(item.tokens)), item.is_spam)
+                       for item in items}.values())
+        changed = 0
+        batch: list[TrainItem] = []
+        size = 0
+        for item in unique:
+            cost = (len(item.tokens) + 1) * len(scopes)
+            if batch and size + cost > MAX_UPDATES_PER_TRANSACTION:
+                changed += await self._commit(scopes, batch)
+                batch, size = [], 0
+            batch.append(item)
+            size += cost
+        if batch:
+            changed += await self._commit(scopes, batch)
+        return changed
+
+    async def _commit(self, scopes: Sequence[_Scope], batch: Sequence[TrainItem],
+                      forget: bool = False) -> int:
+        """Apply a batch in one transaction; one that runs into the 5 s limit (a loaded
+        machine) is split in halves and retried, down to single messages."""
+        def fn(tr: Transaction) -> int:
+            return sum(self._apply(tr, scope, batch, forget) for scope in scopes)
+
+        try:
+            return await self.db.run(fn)
+        except TransactionTimedOut:
+            if len(batch) <= 1:
+                raise
+        half = len(batch) // 2
+        return (await self._commit(scopes, batch[:half], forget)
+                + await self._commit(scopes, batch[half:], forget))
+
+    async def train(self, key: str, tokens: Sequence[str], *, is_spam: bool,
+                    user_ids: Iterable[str] = ("",)) -> bool:
+        """Count one message in each scope, in one transaction; True if anything changed."""
+        return await self.train_batch([TrainItem(key, tokens, is_spam)], user_ids=user_ids) > 0
+
+    async def forget(self, key: str, *, user_ids: Iterable[str] = ("",)) -> bool:
+        """Remove a message's training from each scope; True if any scope had it."""
+        scopes = [self._scope(u) for u in dict.fromkeys(user_ids)]
+        return await self._commit(scopes, [TrainItem(key, (), False)], forget=True) > 0

@@ -1,0 +1,546 @@
+"""Raw messages to spam-filter features: header fields, links, relays, and the token set the
+Bayesian model counts.
+
+Tokens follow SpamBayes's tokenizer (Tim Peters et al.): body words (text part and HTML
+converted to text) split on whitespace, stripped of surrounding punctuation and lowercased,
+3..12 characters kept, longer ones summarised as ``skip:<first char> <length/10>``, plus
+bigrams of neighbouring words (``bi:free money``). Header tokens are prefixed with the
+header's name: ``subject:``, ``from:addr:`` / ``from:user:`` / ``from:name:``, ``to:count:``,
+``message-id:@domain``, ``received:`` (hosts and IP prefixes of the first hops),
+``x-mailer:``...; ``relay:`` and ``align:`` tokens say whether the first external hop has
+reverse DNS and whether the From, Message-ID and Return-Path domains line up with it. URLs
+become host and path-piece tokens (``url:``), MIME structure ``content-type:`` / ``charset:``
+/ ``encoding:`` tokens. Everything is bounded: header count and length, body characters, token
+length, and at most MAX_TOKENS unique tokens per message (header tokens first).
+
+What is deliberately NOT a token (measured on the development corpus by cross-validation
+inside the training split, never on held-out mail):
+- the mbox ``From sender date`` envelope line some stored mail starts with;
+- headers added by the receiving side (our own X-Spam-*, Authentication-Results, Received-SPF,
+  and local-delivery markup such as Delivered-To, Delivery-Date, X-Keywords, X-Status), so the
+  model does not learn its own verdict or how a mailbox happened to be collected;
+- which header names are present, mailing-list headers (List-*, Precedence, Sender,
+  Errors-To) and HTML markup: they describe how mail travels and is formatted, and legitimate
+  newsletters share them with spam; counting them raised false positives;
+- dates (old mail is not spam because it is old).
+
+Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from urllib.parse import unquote
+
+from mailmesh_common.mime import ParsedMessage, html_to_text, parse_message
+
+__all__ = [
+    "MAX_TOKENS",
+    "Analysis",
+    "Link",
+    "analyze",
+    "host_of",
+    "registered_domain",
+    "split_headers",
+    "tokenize",
+]
+
+MAX_TOKENS = 2000  # unique tokens per message
+MAX_TOKEN_CHARS = 40
+MAX_HEADERS = 300
+MAX_HEADER_CHARS = 4000  # one unfolded header value
+MAX_HEADER_SECTION = 256 * 1024
+MAX_BODY_CHARS = 200_000  # text tokenized per body
+MAX_HTML_CHARS = 500_000  # HTML looked at for links and converted to text
+MAX_LINKS = 500
+MAX_RECEIVED = 8  # Received headers mined for hosts and IPs
+MAX_RAW_SCAN = 1_000_000  # raw bytes scanned for MIME part headers
+
+# Headers never counted: added on the receiving side (by us or by whoever stored the mail),
+# so they say nothing about the sender.
+_RECEIVER_HEADERS = frozenset({
+    "authentication-results", "arc-authentication-results", "arc-seal", "arc-message-signature",
+    "received-spf", "delivered-to", "delivery-date", "x-keywords", "x-status", "status", "x-uid",
+    "envelope-to", "x-envelope-to", "x-envelope-from", "x-original-to", "lines", "content-length",
+    "x-mozilla-status", "x-mozilla-status2", "x-evolution", "x-gmail-labels", "x-gm-thrid",
+    "x-exmhmdn", "x-ufo-date", "x-dm-bucket",
+})
+_RECEIVER_PREFIXES = ("x-spam-", "x-mailmesh-", "x-virus-", "x-quarantine-")
+
+# Headers whose value (not just presence) is a token: short, sender-chosen, stable.
+_VALUE_HEADERS = ("x-mailer", "user-agent", "x-priority", "x-msmail-priority", "importance",
+                  "organization", "x-mimeole", "content-class", "mime-version")
+# Headers whose address domain is a token.
+_DOMAIN_HEADERS = ("return-path",)
+
+_HEADER_LINE = re.compile(r"^([!-9;-~]{1,100}):[ \t]?(.*)$")
+_SPLIT = re.compile(r"\s+")
+_SUBJECT_WORD = re.compile(r"[\w\x80-\uffff$.%]+")
+_PUNCT_RUN = re.compile(r"[^\w\s]{2,}")
+_URL = re.compile(r"\b(https?|ftp)://([^\s<>\"'()\[\]{}]{1,500})", re.I)
+_WWW = re.compile(r"(?<![\w./@])(www\.[a-z0-9-]+(?:\.[a-z0-9-]+)+)", re.I)
+_URL_PIECE = re.compile(r"[^\w]+")
+_EMAIL = re.compile(r"\b([\w.+-]{1,64})@([a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})+)\b", re.I)
+_IPV4 = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\b")
+_HOSTNAME = re.compile(r"\b((?:[a-z0-9-]{1,63}\.)+[a-z]{2,24})\b", re.I)
+_ANCHOR = re.compile(r"<a\b([^>]{0,2000})>(.{0,2000}?)</a\s*>", re.I | re.S)
+_HREF = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.I)
+_TAGS_STRIPPED = re.compile(r"<[^>]{0,2000}>")
+_PART_CTYPE = re.compile(rb"^content-type:[ \t]*([a-z0-9!#$&^_.+-]{1,60}/[a-z0-9!#$&^_.+-]{1,60})", re.I | re.M)
+_PART_CHARSET = re.compile(rb"charset\s*=\s*\"?([a-z0-9_.:+-]{1,40})", re.I)
+_PART_CTE = re.compile(rb"^content-transfer-encoding:[ \t]*([a-z0-9-]{1,30})", re.I | re.M)
+_PART_DISP = re.compile(rb"^content-disposition:[ \t]*([a-z-]{1,30})", re.I | re.M)
+_DIGITS = re.compile(r"\d")
+_RCVD_FROM = re.compile(r"^\s*from\s+(\S+)(.*?)\sby\s", re.I | re.S)
+_RCVD_RDNS = re.compile(r"\(\s*([a-z0-9_.-]+\.[a-z]{2,})\s*\[", re.I)
+_DYNAMIC = re.compile(r"(?:^|[.-])(?:dyn|dynamic|dial|dialup|dsl|adsl|cable|pool|ppp|dhcp|client|"
+                      r"cust|customer|user|host|ip|broadband|res|resnet|home)[0-9.-]|"
+                      r"(?:^|[.-])(?:dyn|dynamic|dialup|adsl|dsl|cable|pool|ppp|dhcp)(?:[.-]|$)", re.I)
+_IP_IN_NAME = re.compile(r"\d{1,3}[.-]\d{1,3}[.-]\d{1,3}")
+
+_STRIP = "\"'.,;:!?()[]{}<>*`"
+
+
+@dataclass(frozen=True)
+class Link:
+    """An HTML anchor: where it points and the text the reader sees."""
+
+    href: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Relay:
+    """One hop of the Received chain with a public IP: what it called itself, its reverse DNS
+    as the receiving side recorded it ("" when unknown), and its IP."""
+
+    helo: str
+    rdns: str
+    ip: str
+
+    @property
+    def dynamic(self) -> bool:
+        """Reverse DNS that looks like a home or dial-up pool (SpamAssassin's RDNS_DYNAMIC idea)."""
+        return bool(self.rdns) and (_DYNAMIC.search(self.rdns) is not None
+                                    or _IP_IN_NAME.search(self.rdns) is not None)
+
+
+@dataclass
+class Analysis:
+    """One message as the spam filter sees it: headers, parsed bodies, links and tokens."""
+
+    raw: bytes
+    headers: list[tuple[str, str]]  # (lowercased name, unfolded value), in order
+    parsed: ParsedMessage
+    html_text: str  # the HTML body as text ("" without an HTML body)
+    links: list[Link]
+    relays: list[Relay] = field(default_factory=list)  # external hops, newest first
+    tokens: list[str] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (lowercase), or None when absent."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def has_header(self, name: str) -> bool:
+        return any(key == name for key, _ in self.headers)
+
+
+def split_headers(raw: bytes) -> list[tuple[str, str]]:
+    """The top-level header fields as (lowercased name, unfolded value), RFC 5322 2.2.3.
+
+    An mbox ``From `` envelope line before the headers is skipped; lines that are neither
+    fields nor continuations are ignored. Bounded by MAX_HEADERS and MAX_HEADER_CHARS.
+    """
+    end = len(raw)
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep, 0, MAX_HEADER_SECTION)
+        if i >= 0:
+            end = min(end, i)
+    section = raw[:min(end, MAX_HEADER_SECTION)].decode("utf-8", "replace")
+    lines = section.splitlines()
+    if lines and lines[0].startswith("From "):
+        lines = lines[1:]
+    out: list[tuple[str, str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if out:
+                name, value = out[-1]
+                if len(value) < MAX_HEADER_CHARS:
+                    out[-1] = (name, (value + " " + line.strip())[:MAX_HEADER_CHARS])
+            continue
+        m = _HEADER_LINE.match(line)
+        if m is None:
+            continue
+        if len(out) >= MAX_HEADERS:
+            break
+        out.append((m.group(1).lower(), m.group(2).strip()[:MAX_HEADER_CHARS]))
+    return out
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; the value unchanged when they are broken."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:
+        return value
+
+
+def host_of(url: str) -> str:
+    """Lowercased host of an http(s)/ftp URL or a bare www. name ("" when there is none)."""
+    url = url.strip()
+    m = re.match(r"(?:[a-z][a-z0-9+.-]{0,20}:)?//([^/?#\s]*)", url, re.I)
+    if m is None:
+        if url.lower().startswith("www."):
+            m = re.match(r"([^/?#\s]*)", url)
+        if m is None:
+            return ""
+    host = m.group(1)
+    host = host.rpartition("@")[2]  # userinfo: http://bank.com@evil.example/
+    if host.startswith("["):
+        return host.partition("]")[0][1:].lower()
+    host = host.partition(":")[0]
+    return unquote(host).strip(".").lower()
+
+
+def registered_domain(host: str) -> str:
+    """An approximation of the registrable domain: the last two labels, or three under a
+    two-letter country code with a short second level (example.co.uk). IPs stay whole."""
+    host = host.strip(".").lower()
+    if _IPV4.fullmatch(host) or ":" in host:
+        return host
+    labels = host.split(".")
+    if len(labels) >= 3 and len(labels[-1]) == 2 and (len(labels[-2]) <= 3 or labels[-2] in ("com", "net", "org", "gov", "edu", "ac", "co")):
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+class _Tokens:
+    """An insertion-ordered, bounded set of tokens."""
+
+    def __init__(self, limit: int) -> None:
+        self.seen: dict[str, None] = {}
+        self.limit = limit
+
+    def add(self, token: str) -> None:
+        if len(self.seen) < self.limit:
+            token = token[:MAX_TOKEN_CHARS]
+            if "\n" in token or "\r" in token:  # training records are newline-separated
+                token = token.replace("\n", " ").replace("\r", " ")
+            self.seen.setdefault(token, None)
+
+    @property
+    def full(self) -> bool:
+        return len(self.seen) >= self.limit
+
+
+def _domain_tokens(prefix: str, host: str, tokens: _Tokens) -> None:
+    """prefix:example.com, prefix:www.example.com... (every suffix of two labels or more)."""
+    host = host.strip(".").lower()[:253]
+    if not host:
+        return
+    if _IPV4.fullmatch(host):
+        tokens.add(f"{prefix}ip")
+        a, b, c, _d = host.split(".")
+        tokens.add(f"{prefix}{a}.{b}")
+        tokens.add(f"{prefix}{a}.{b}.{c}")
+        return
+    labels = host.split(".")
+    for i in range(max(0, len(labels) - 4), len(labels) - 1):
+        tokens.add(prefix + ".".join(labels[i:]))
+
+
+def _address_tokens(name: str, value: str, tokens: _Tokens) -> None:
+    from email.utils import getaddresses
+
+    value = value[:2000]
+    try:
+        pairs = getaddresses([value])
+    except Exception:
+        pairs = []
+    pairs = [(n, a) for n, a in pairs if a or n][:50]
+    if name in ("to", "cc"):
+        n = len(pairs)
+        tokens.add(f"{name}:count:{min(n, 5) if n < 5 else '5+'}")
+    for display, addr in pairs[:10]:
+        display = _decode_words(display)
+        local, at, domain = addr.rpartition("@")
+        if at:
+            tokens.add(f"{name}:addr:{domain.lower()}")
+            if name in ("from", "reply-to"):
+                tokens.add(f"{name}:user:{local.lower()}")
+                if _DIGITS.search(local) and len(_DIGITS.findall(local)) >= 3:
+                    tokens.add(f"{name}:user:digits")
+        else:
+            tokens.add(f"{name}:addr:none")
+        if display.strip():
+            if name in ("from", "reply-to"):
+                for word in _SUBJECT_WORD.findall(display.lower())[:8]:
+                    tokens.add(f"{name}:name:{word}")
+        else:
+            tokens.add(f"{name}:noname")
+
+
+def _received_tokens(value: str, tokens: _Tokens) -> None:
+    value = value.lower()[:1000]
+    for m in _IPV4.finditer(value):
+        parts = m.groups()
+        if all(int(p) <= 255 for p in parts):
+            tokens.add(f"received:{parts[0]}.{parts[1]}")
+            tokens.add(f"received:{parts[0]}.{parts[1]}.{parts[2]}")
+    for m in _HOSTNAME.finditer(value):
+        _domain_tokens("received:", m.group(1), tokens)
+    if "with esmtp" in value:
+        tokens.add("received:esmtp")
+    elif "with smtp" in value:
+        tokens.add("received:smtp")
+
+
+def _private_ip(ip: str) -> bool:
+    a, b, *_ = (int(x) for x in ip.split("."))
+    return (a in (0, 10, 127) or a >= 224 or (a == 192 and b == 168) or (a == 172 and 16 <= b <= 31)
+            or (a == 169 and b == 254) or (a == 100 and 64 <= b <= 127))
+
+
+def relays_of(headers: list[tuple[str, str]]) -> list[Relay]:
+    """The hops of the Received chain (RFC 5321 4.4) whose "from" clause names a public IP,
+    newest first: sendmail/postfix "from HELO (rdns [ip])", qmail "from unknown (HELO x) (ip)"."""
+    out: list[Relay] = []
+    seen = 0
+    for name, value in headers:
+        if name != "received":
+            continue
+        seen += 1
+        if seen > MAX_RECEIVED:
+            break
+        m = _RCVD_FROM.match(value[:1000])
+        if m is None:
+            continue
+        helo, rest = m.group(1).strip("[]()").lower(), m.group(2)
+        ip_m = _IPV4.search(rest) or _IPV4.fullmatch(helo)
+        if ip_m is None or any(int(x) > 255 for x in ip_m.groups()):
+            continue
+        ip = ".".join(ip_m.groups())
+        if _private_ip(ip):
+            continue
+        rdns_m = _RCVD_RDNS.search(rest)
+        rdns = rdns_m.group(1).lower() if rdns_m is not None else ""
+        helo_m = re.search(r"\(helo\s+([^)\s]+)\)", rest, re.I)
+        if helo in ("unknown", "") and helo_m is not None:
+            helo = helo_m.group(1).lower()
+        out.append(Relay(helo=helo, rdns=rdns, ip=ip))
+    return out
+
+
+def _relay_tokens(analysis: Analysis, from_domain: str, tokens: _Tokens) -> None:
+    """Tokens of the first external hops and of how the sender's domains line up with them
+    (a local, DNS-free cousin of SPF alignment)."""
+    relay_domains: set[str] = set()
+    for relay in analysis.relays[:2]:
+        if not relay.rdns:
+            tokens.add("relay:no-rdns")
+        else:
+            relay_domains.add(registered_domain(relay.rdns))
+            if relay.dynamic:
+                tokens.add("relay:dynamic")
+        if _IPV4.fullmatch(relay.helo):
+            tokens.add("relay:helo-ip")
+        elif "." not in relay.helo:
+            tokens.add("relay:helo-bare")
+        else:
+            relay_domains.add(registered_domain(relay.helo))
+            if relay.rdns and registered_domain(relay.helo) != registered_domain(relay.rdns):
+                tokens.add("relay:helo-mismatch")
+    if not analysis.relays:
+        tokens.add("relay:none")
+    mid = analysis.header("message-id") or ""
+    mid_domain = registered_domain(mid.strip().strip("<>").rpartition("@")[2]) if "@" in mid else ""
+    rp = analysis.header("return-path") or ""
+    rp_domain = registered_domain(rp.strip().strip("<>").rpartition("@")[2]) if "@" in rp else ""
+    if from_domain:
+        tokens.add("align:from-relay" if from_domain in relay_domains else "align:from-relay-no")
+        if mid_domain:
+            tokens.add("align:mid-from" if mid_domain == from_domain else "align:mid-from-no")
+        if rp_domain:
+            tokens.add("align:rp-from" if rp_domain == from_domain else "align:rp-from-no")
+    if mid_domain:
+        tokens.add("align:mid-relay" if mid_domain in relay_domains else "align:mid-relay-no")
+
+
+def _word_tokens(prefix: str, text: str, tokens: _Tokens) -> None:
+    """SpamBayes body words: whitespace-split, stripped of surrounding punctuation,
+    lowercased, 3..12 characters; longer words summarised; e-mail addresses split into parts;
+    plus bigrams of neighbouring kept words ("bi:free money")."""
+    prev = ""
+    for word in _SPLIT.split(text[:MAX_BODY_CHARS]):
+        if tokens.full:
+            return
+        word = word.strip(_STRIP).lower()
+        n = len(word)
+        if 3 <= n <= 12:
+            if prev:
+                tokens.add(f"bi:{prev} {word}")
+            prev = word
+        else:
+            prev = ""
+        if n < 3:
+            continue
+        if n <= 12:
+            tokens.add(prefix + word)
+            continue
+        if "@" in word:
+            local, _, domain = word.rpartition("@")
+            tokens.add(f"{prefix}email name:{local[:20]}")
+            for part in domain.split(".")[-3:]:
+                tokens.add(f"{prefix}email addr:{part}")
+            continue
+        if word.startswith(("http:", "https:", "www.", "ftp:")):
+            continue  # handled by the URL tokens
+        tokens.add(f"{prefix}skip:{word[0]} {n // 10 * 10}")
+
+
+def _url_tokens(url: str, tokens: _Tokens) -> None:
+    url = url.strip()[:500]
+    scheme = url.partition(":")[0].lower() if "://" in url else "http"
+    tokens.add(f"proto:{scheme}")
+    host = host_of(url if "://" in url else "http://" + url)
+    if not host:
+        return
+    _domain_tokens("url:", host, tokens)
+    rest = url.split("://", 1)[-1]
+    rest = rest.partition("/")[2]
+    if "%" in rest:
+        tokens.add("url:%-escaped")
+    for piece in _URL_PIECE.split(unquote(rest).lower())[:20]:
+        if 3 <= len(piece) <= 12:
+            tokens.add(f"url:{piece}")
+    if ":" in url.split("://", 1)[-1].partition("/")[0].rpartition("@")[2]:
+        tokens.add("url:port")
+    if "@" in url.split("://", 1)[-1].partition("/")[0]:
+        tokens.add("url:userinfo")
+
+
+def _links(html: str) -> list[Link]:
+    out: list[Link] = []
+    for m in _ANCHOR.finditer(html[:MAX_HTML_CHARS]):
+        href_m = _HREF.search(m.group(1))
+        if href_m is None:
+            continue
+        href = next(g for g in href_m.groups() if g is not None).strip()
+        text = _TAGS_STRIPPED.sub(" ", m.group(2))
+        text = " ".join(text.split())
+        out.append(Link(href=_unescape(href), text=_unescape(text)))
+        if len(out) >= MAX_LINKS:
+            break
+    return out
+
+
+def _unescape(s: str) -> str:
+    import html
+
+    return html.unescape(s)
+
+
+def _mime_tokens(raw: bytes, tokens: _Tokens) -> None:
+    """Content-Type, charset, transfer encoding and disposition of every part (a scan of the
+    raw part headers: cheap and independent of how well the structure parses)."""
+    data = raw[:MAX_RAW_SCAN]
+    for m in _PART_CTYPE.finditer(data):
+        ctype = m.group(1).decode("ascii", "replace").lower()
+        tokens.add(f"content-type:{ctype}")
+        tail = data[m.end():m.end() + 300]
+        cs = _PART_CHARSET.search(tail.split(b"\n\n", 1)[0])
+        if cs is not None:
+            tokens.add(f"charset:{cs.group(1).decode('ascii', 'replace').lower()}")
+    for m in _PART_CTE.finditer(data):
+        tokens.add(f"encoding:{m.group(1).decode('ascii', 'replace').lower()}")
+    for m in _PART_DISP.finditer(data):
+        tokens.add(f"content-disposition:{m.group(1).decode('ascii', 'replace').lower()}")
+
+
+def _is_receiver_header(name: str) -> bool:
+    return name in _RECEIVER_HEADERS or name.startswith(_RECEIVER_PREFIXES)
+
+
+def tokenize(analysis: Analysis, *, limit: int = MAX_TOKENS) -> list[str]:
+    """The unique tokens of an analysed message, header tokens first, at most `limit`."""
+    tokens = _Tokens(limit)
+    headers = [(n, v) for n, v in analysis.headers if not _is_receiver_header(n)]
+    received = 0
+    for name, value in headers:
+        if name == "subject":
+            subject = _decode_words(value)
+            for word in _SUBJECT_WORD.findall(subject.lower())[:50]:
+                tokens.add(f"subject:{word[:20]}")
+            for run in _PUNCT_RUN.findall(subject)[:10]:
+                tokens.add(f"subject:{run[:10]}")
+        elif name in ("from", "reply-to", "to", "cc"):
+            _address_tokens(name, value, tokens)
+        elif name == "message-id":
+            _local, at, domain = value.strip().strip("<>").rpartition("@")
+            tokens.add(f"message-id:@{domain.lower()}" if at and domain else "message-id:invalid")
+        elif name == "received":
+            received += 1
+            if received <= MAX_RECEIVED:
+                _received_tokens(value, tokens)
+        elif name in _VALUE_HEADERS:
+            low = " ".join(value.lower().split())
+            tokens.add(f"{name}:{low[:MAX_TOKEN_CHARS]}")
+            if name in ("x-mailer", "user-agent", "organization"):
+                for word in _SPLIT.split(low)[:6]:
+                    if 3 <= len(word) <= 12:
+                        tokens.add(f"{name}:word:{word}")
+        elif name in _DOMAIN_HEADERS:
+            m = _EMAIL.search(value) or _HOSTNAME.search(value)
+            if m is not None:
+                host = m.group(2) if m.re is _EMAIL else m.group(1)
+                tokens.add(f"{name}:{registered_domain(host)}")
+    _mime_tokens(analysis.raw, tokens)
+    sender = analysis.parsed.from_[0].email if analysis.parsed.from_ else ""
+    _relay_tokens(analysis, registered_domain(sender.rpartition("@")[2]) if "@" in sender else "", tokens)
+
+    parsed = analysis.parsed
+    text = parsed.text_body
+    html = parsed.html_body
+    if html and not text:
+        tokens.add("body:html-only")
+    if not text and not html:
+        tokens.add("body:empty")
+    for att in parsed.attachments[:20]:
+        tokens.add(f"attach:type:{att.content_type.lower()}")
+        ext = att.filename.rpartition(".")[2].lower() if "." in att.filename else ""
+        if ext and len(ext) <= 6:
+            tokens.add(f"attach:ext:{ext}")
+    if html:
+        for link in analysis.links[:MAX_LINKS]:
+            if link.href.lower().startswith(("http:", "https:", "ftp:", "www.")):
+                _url_tokens(link.href, tokens)
+            elif link.href.lower().startswith("mailto:"):
+                tokens.add("url:mailto")
+    for source in (text, analysis.html_text):
+        if not source:
+            continue
+        for m in _URL.finditer(source[:MAX_BODY_CHARS]):
+            _url_tokens(m.group(0), tokens)
+        for m in _WWW.finditer(source[:MAX_BODY_CHARS]):
+            _url_tokens(m.group(1), tokens)
+        _word_tokens("", _URL.sub(" ", source), tokens)
+    return list(tokens.seen)
+
+
+def analyze(raw: bytes, *, limit: int = MAX_TOKENS) -> Analysis:
+    """Parse, analyse and tokenize one raw message (never raises on malformed mail)."""
+    parsed = parse_message(raw, max_body_chars=MAX_BODY_CHARS * 2)
+    html_text = html_to_text(parsed.html_body[:MAX_HTML_CHARS]) if parsed.html_body else ""
+    headers = split_headers(raw)
+    analysis = Analysis(raw=raw, headers=headers, parsed=parsed, html_text=html_text,
+                        links=_links(parsed.html_body) if parsed.html_body else [],
+                        relays=relays_of(headers))
+    analysis.tokens = tokenize(analysis, limit=limit)
+    return analysis

@@ -1,0 +1,345 @@
+"""The sending pipeline shared by the API (Send) and SMTP submission: limits, routing, the
+delivery copy (trace header, DKIM), the SENT copy, the durable hold, and the release to
+INBOUND (local recipients) and OUTBOUND (one job per remote domain).
+
+Durability (DESIGN "Durability"): when `send`/`submit` return, the signed delivery copy is in
+the blob store, the SENT copy in the mailbox and the held send in the send store; everything
+after that is retried until done. The release keeps the trace context of the request, so a
+delivery attempt days later still belongs to the trace of the Send that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from mailmesh.v1 import events_pb2, types_pb2
+from mailmesh.v1 import mailbox_service_pb2 as mpb
+from mailmesh.v1 import send_service_pb2 as spb
+from nats.js import JetStreamContext
+
+from mailmesh_common import address, streams, telemetry
+from mailmesh_common.address import MailAddress
+from mailmesh_common.blobstore import BlobStore
+from mailmesh_common.config import Settings
+from mailmesh_common.errors import FailedPrecondition, InvalidInput, MailmeshError, NotFound
+from svc_send import compose, limits
+from svc_send.dkim_sign import Signer
+from svc_send.mailbox import MailboxClient
+from svc_send.queue import GEN_HEADER, QueueStore
+from svc_send.schedule import Due, HeldSends
+from svc_send.store import RETENTION_S, now_us, ts, us_of
+
+log = logging.getLogger(__name__)
+
+MAX_SCHEDULE_AHEAD_S = 366 * 86400
+MAX_IDEMPOTENCY_KEY = 200
+PURGE_EVERY_S = 600.0
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A send that is durably accepted."""
+
+    send: spb.StoredSend
+    message: types_pb2.Message  # the SENT copy (MINIMAL)
+
+
+def _utc(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, UTC)
+
+
+class Outbox:
+    def __init__(self, settings: Settings, js: JetStreamContext, mailbox: MailboxClient, blobs: BlobStore,
+                 held: HeldSends, queue: QueueStore, signer: Signer, hostname: str) -> None:
+        self.settings = settings
+        self.js = js
+        self.mailbox = mailbox
+        self.blobs = blobs
+        self.held = held
+        self.queue = queue
+        self.signer = signer
+        self.hostname = hostname
+        self._wake = asyncio.Event()
+        self._backoff: dict[str, tuple[float, float]] = {}  # send_id -> (retry at, last delay)
+
+    # --- the API ------------------------------------------------------------------------------
+    async def send(self, user: str, req: spb.SendRequest) -> Accepted:
+        idem = req.idempotency_key
+        if len(idem) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if idem:
+            prior = await self.held.find_idempotent(user, idem)
+            if prior is not None:
+                return Accepted(prior, types_pb2.Message(id=prior.message_id, thread_id=prior.send.thread_id))
+        account = await self.mailbox.get_account(user)
+        from_email = self._from_address(account, req.from_email)
+        draft = compose.Draft(sender=MailAddress(account.display_name, from_email))
+        for name in ("to", "cc", "bcc", "reply_to"):
+            getattr(draft, name).extend(compose.mail_address(a.name, a.email, field_name=name)
+                                        for a in getattr(req, name))
+        draft.subject, draft.text, draft.html = req.subject, req.text_body, req.html_body
+        recipients = _unique(a.email for a in (*draft.to, *draft.cc, *draft.bcc))
+        limits.check_recipients(len(recipients), self.settings)
+        attached = sum(len(a.data) for a in req.attachments) + len(req.text_body) + len(req.html_body)
+        limits.check_size(attached, self.settings)
+        draft.attachments = [compose.AttachmentIn(a.filename, a.data, a.mime_type, a.content_id, a.inline)
+                             for a in req.attachments]
+        if req.reply_to_message_id:
+            try:
+                draft.parent = await self.mailbox.get_message(user, req.reply_to_message_id)
+            except NotFound:
+                raise NotFound("reply_to_message_id: no such message in the sender's mailbox") from None
+        now = now_us()
+        send_at = self._send_time(req, now)
+        composed = compose.compose(draft, message_id=compose.new_message_id(address.split(from_email)[1]),
+                                   date=_utc(max(now, send_at)))
+        return await self._accept(user, from_email, composed.sent_raw, composed.delivery_raw, recipients,
+                                  composed.message_id, composed.subject, send_at, idem, protocol="HTTP")
+
+    @staticmethod
+    def _from_address(account: types_pb2.Account, wanted: str) -> str:
+        if not wanted:
+            return account.email
+        try:
+            key = address.canonical(wanted)
+        except InvalidInput:
+            raise InvalidInput(f"from_email {wanted!r} is not an address") from None
+        for a in account.addresses or [account.email]:
+            with contextlib.suppress(InvalidInput):
+                if address.canonical(a) == key:
+                    return a
+        raise InvalidInput(f"from_email {wanted!r} is not one of the account's addresses")
+
+    def _send_time(self, req: spb.SendRequest, now: int) -> int:
+        if not req.HasField("send_time"):
+            return 0
+        at = us_of(req.send_time)
+        if at > now + MAX_SCHEDULE_AHEAD_S * 1_000_000:
+            raise InvalidInput("send_time is more than a year ahead")
+        return at
+
+    # --- SMTP submission -------------------------------------------------------------------------
+    async def submit(self, user: str, mail_from: str, rcpts: list[str], raw: bytes, *, helo: str,
+                     client_ip: str, account: types_pb2.Account) -> Accepted:
+        """A message an authenticated client submitted: relayed as it came, with Message-ID and
+        Date added when missing (RFC 6409 8.2, 8.3) and Bcc removed from the delivered copy.
+        Released at once: a desktop client has no undo button to wait for."""
+        raw = compose.normalize_line_ends(raw)
+        domain = address.split(mail_from)[1]
+        added = []
+        ids = compose.header_values(raw, "Message-ID")
+        message_id = ids[0].strip().strip("<>").strip() if ids else ""
+        if not message_id:
+            message_id = compose.new_message_id(domain)
+            added.append(f"Message-ID: <{message_id}>")
+        if not compose.header_values(raw, "Date"):
+            added.append(f"Date: {format_datetime(datetime.now(UTC))}")
+        if not compose.header_values(raw, "From"):
+            name = account.display_name.replace('"', "")
+            added.append(f'From: "{name}" <{mail_from}>' if name else f"From: <{mail_from}>")
+        sent_raw = compose.prepend_headers(raw, added) if added else raw
+        delivery_raw = compose.remove_headers(sent_raw, ["Bcc", "Resent-Bcc"])
+        subjects = compose.header_values(raw, "Subject")
+        rcpts = _unique(rcpts)
+        limits.check_recipients(len(rcpts), self.settings)
+        return await self._accept(user, mail_from, sent_raw, delivery_raw, rcpts, message_id,
+                                  subjects[0] if subjects else "", 0, "", protocol="ESMTPSA", helo=helo,
+                                  client_ip=client_ip, undo=False)
+
+    # --- accepting ------------------------------------------------------------------------------
+    async def _route(self, rcpts: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+        """(local recipients, remote recipients by A-label domain)."""
+        answers = await asyncio.gather(*(self.mailbox.resolve(r) for r in rcpts))
+        local: list[str] = []
+        remote: dict[str, list[str]] = defaultdict(list)
+        for rcpt, res in zip(rcpts, answers, strict=True):
+            if res.resolution in (mpb.RECIPIENT_RESOLUTION_LOCAL_USER, mpb.RECIPIENT_RESOLUTION_OVER_QUOTA):
+                local.append(rcpt)
+            elif res.resolution == mpb.RECIPIENT_RESOLUTION_UNKNOWN_USER:
+                raise InvalidInput(f"{rcpt}: no such user")
+            else:
+                remote[address.split(rcpt)[1]].append(rcpt)
+        return local, dict(remote)
+
+    async def _accept(self, user: str, from_email: str, sent_raw: bytes, delivery_raw: bytes, rcpts: list[str],
+                      message_id: str, subject: str, send_at: int, idem: str, *, protocol: str, helo: str = "",
+                      client_ip: str = "", undo: bool = True) -> Accepted:
+        limits.check_size(len(sent_raw), self.settings)
+        now = now_us()
+        await limits.check_daily(self.held, user, now, self.settings)
+        local, remote = await self._route(rcpts)
+        # from here on the request is carried through even if its caller goes away: a SENT copy
+        # without its held send would never be delivered
+        return await asyncio.shield(self._commit(user, from_email, sent_raw, delivery_raw, rcpts, local, remote,
+                                                 message_id, subject, send_at, idem, now, protocol=protocol,
+                                                 helo=helo, client_ip=client_ip, undo=undo))
+
+    async def _commit(self, user: str, from_email: str, sent_raw: bytes, delivery_raw: bytes, rcpts: list[str],
+                      local: list[str], remote: dict[str, list[str]], message_id: str, subject: str, send_at: int,
+                      idem: str, now: int, *, protocol: str, helo: str, client_ip: str, undo: bool) -> Accepted:
+        """Signed blob, SENT copy, held send; then the release when there is no hold."""
+        send_id = uuid.uuid4().hex
+        scheduled = send_at > now
+        release = send_at if scheduled else now + int(self.settings.undo_send_s * 1e6 if undo else 0)
+        received = compose.received_header(self.hostname, protocol=protocol, send_id=send_id, date=_utc(now),
+                                           helo=helo, client_ip=client_ip)
+        from_domain = address.split(from_email)[1]
+        signed, _ = await self.signer.sign(compose.prepend_headers(delivery_raw, [received]), from_domain)
+        blob_ref = await self.blobs.put(signed)
+        try:
+            sent = await self.mailbox.append(user, sent_raw, ["SENT"], unread=False,
+                                             idempotency_key=f"send:{idem or send_id}", track_recipients=rcpts)
+            if sent.message_id_header and sent.message_id_header != message_id:
+                # an earlier request with this idempotency key stored its copy, then failed: send that one
+                first = await self.mailbox.get_message(user, sent.id, types_pb2.MESSAGE_FORMAT_RAW)
+                again = compose.remove_headers(compose.normalize_line_ends(first.raw), ["Bcc", "Resent-Bcc"])
+                signed, _ = await self.signer.sign(compose.prepend_headers(again, [received]), from_domain)
+                await self.blobs.delete(blob_ref)
+                blob_ref = await self.blobs.put(signed)
+        except BaseException:
+            with contextlib.suppress(MailmeshError):
+                await self.blobs.delete(blob_ref)
+            raise
+        rec = spb.StoredSend(
+            send=spb.ScheduledSend(name=f"users/{user}/messages/{sent.id}", send_id=send_id, thread_id=sent.thread_id,
+                                   subject=subject[:500], recipients=rcpts, send_time=ts(release), create_time=ts(now),
+                                   status=spb.SEND_STATUS_SCHEDULED if scheduled else spb.SEND_STATUS_QUEUED),
+            sender_user_id=user, message_id=sent.id,
+            traceparent=telemetry.inject_headers().get("traceparent", ""), local_recipients=local,
+            open_jobs=len(remote), idempotency_key=idem, size=len(signed), blob_ref=blob_ref)
+        if local:
+            rec.inbound.CopyFrom(events_pb2.InboundMessage(
+                ingest_id=f"send-{send_id}", mail_from=from_email, rcpt_to=local, blob_ref=blob_ref, size=len(signed),
+                source=events_pb2.MESSAGE_SOURCE_SUBMISSION, sender_user_id=user, remote_ip=client_ip, helo=helo))
+        for n, (domain, addrs) in enumerate(sorted(remote.items()), start=1):
+            rec.outbound.add(job_id=f"{send_id}-{n}", sender_user_id=user, message_id=sent.id, blob_ref=blob_ref,
+                             mail_from=from_email, domain=domain, rcpt_to=addrs)
+        try:
+            stored = await self.held.hold(rec, idem, now)
+        except BaseException:  # not held: a retry composes (and signs) again
+            with contextlib.suppress(MailmeshError):
+                await self.blobs.delete(blob_ref)
+            raise
+        if stored.send.send_id != send_id:  # a concurrent request with the same key won
+            with contextlib.suppress(MailmeshError):
+                await self.blobs.delete(blob_ref)
+            return Accepted(stored, types_pb2.Message(id=stored.message_id, thread_id=stored.send.thread_id))
+        log.info("send accepted", extra={"send_id": send_id, "user_id": user, "message_id": sent.id,
+                                         "local": len(local), "remote_domains": len(remote)})
+        if release <= now:
+            try:
+                await self.release(Due(release, send_id))
+            except MailmeshError as exc:  # durable already: the scheduler retries
+                log.warning("send %s: release failed, will retry: %s", send_id, exc.message)
+                self._wake.set()
+        else:
+            self._wake.set()
+        return Accepted(stored, sent)
+
+    # --- releasing ------------------------------------------------------------------------------
+    async def release(self, due: Due) -> None:
+        """Publishes a held send whose time has come (safe to repeat)."""
+        now = now_us()
+        rec = await self.held.claim_release(due.send_id, now)
+        if rec is None:
+            await self.held.finish_release(due, now)
+            return
+        ctx = telemetry.extract_context({"traceparent": rec.traceparent} if rec.traceparent else {})
+        with telemetry.tracer("svc_send").start_as_current_span(
+                "send.release", context=ctx, attributes={"mailmesh.send_id": rec.send.send_id,
+                                                         "mailmesh.jobs": len(rec.outbound)}):
+            if rec.HasField("inbound") and rec.inbound.rcpt_to:
+                await streams.publish(self.js, streams.inbound_subject(rec.inbound.ingest_id), rec.inbound,
+                                      msg_id=rec.inbound.ingest_id)
+            for job in rec.outbound:
+                await streams.publish(self.js, streams.outbound_subject(job.domain), job, msg_id=job.job_id,
+                                      headers={GEN_HEADER: "0"})
+            if rec.local_recipients:
+                with contextlib.suppress(NotFound):  # the sender deleted the message meanwhile
+                    await self.mailbox.update_status(rec.sender_user_id, rec.message_id, [
+                        types_pb2.RecipientStatus(email=r, state=types_pb2.RECIPIENT_STATE_DELIVERED, attempts=1,
+                                                  last_reply="250 2.0.0 delivered to the local mailbox",
+                                                  updated_time=ts(now))
+                        for r in rec.local_recipients])
+        await self.held.finish_release(due, now)
+        self._backoff.pop(due.send_id, None)
+
+    async def cancel(self, user: str, message_id: str) -> types_pb2.Message:
+        """CancelSend: a held send is not released and its message moves from SENT to DRAFTS."""
+        try:
+            rec = await self.held.cancel(user, message_id, now_us())
+        except NotFound:
+            await self.mailbox.get_message(user, message_id, types_pb2.MESSAGE_FORMAT_MINIMAL)  # NotFound stays
+            raise FailedPrecondition("the message was sent already; it can no longer be cancelled") from None
+        moved = await self.mailbox.move(user, message_id, add=["DRAFTS"], remove=["SENT"])
+        if rec.blob_ref:
+            with contextlib.suppress(MailmeshError):
+                await self.blobs.delete(rec.blob_ref)
+        log.info("send cancelled", extra={"send_id": rec.send.send_id, "user_id": user, "message_id": message_id})
+        return moved
+
+    async def run_scheduler(self, stop: asyncio.Event) -> None:
+        """Releases held sends when their time comes; purges old bookkeeping now and then."""
+        last_purge = 0.0
+        while not stop.is_set():
+            self._wake.clear()
+            wait = 1.0
+            try:
+                dues = await self.held.due(now_us())
+                for due in dues:
+                    retry_at, delay = self._backoff.get(due.send_id, (0.0, 0.0))
+                    if retry_at > time.monotonic():
+                        wait = min(wait, max(0.05, retry_at - time.monotonic()))
+                        continue
+                    try:
+                        await self.release(due)
+                    except MailmeshError as exc:
+                        delay = min(max(delay * 2, 0.5), 30.0)
+                        self._backoff[due.send_id] = (time.monotonic() + delay, delay)
+                        log.warning("send %s: release failed, retry in %.1fs: %s", due.send_id, delay, exc.message)
+                        wait = min(wait, delay)
+                if time.monotonic() - last_purge > PURGE_EVERY_S:
+                    last_purge = time.monotonic()
+                    cutoff = now_us() - RETENTION_S * 1_000_000
+                    await self.held.purge(cutoff)
+                    await self.queue.purge(cutoff)
+                nxt = await self.held.next_release()
+                if len(dues) >= 100:
+                    wait = 0.0  # more are due
+                elif nxt is not None:
+                    wait = min(wait, max(0.05, (nxt - now_us()) / 1e6))
+            except MailmeshError as exc:
+                log.warning("scheduler: %s", exc.message)
+            if wait <= 0:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(stop, self._wake), wait)
+
+
+def _unique(addresses: Iterable[str]) -> list[str]:
+    """Addresses in order without repeats (compared case-insensitively, as the mailbox tracks them)."""
+    seen: dict[str, str] = {}
+    for a in addresses:
+        seen.setdefault(a.lower(), a)
+    return list(seen.values())
+
+
+async def _first(*events: asyncio.Event) -> None:
+    tasks = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+__all__ = ["Accepted", "Outbox"]

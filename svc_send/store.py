@@ -1,0 +1,73 @@
+"""svc_send's own state: held sends, the outbound queue's bookkeeping and daily send counters,
+in a KV store of the FoundationDB shape (embedded: `{data_dir}/send.db`; distributed: the
+FoundationDB cluster, under the `send` subspace).
+
+Key families (tuples under the subspace; values are protobuf from send_service.proto):
+  ("send", send_id)                      StoredSend
+  ("due", release_us, send_id)           "" - held or releasing sends by release time
+  ("held", user, release_us, send_id)    "" - a user's held sends (ListScheduled)
+  ("bymsg", user, message_id)            send_id
+  ("idem", user, idempotency_key)        send_id
+  ("sent", done_us, send_id)             "" - released or cancelled sends, purged after a week
+  ("day", user, day_number)              atomic counter of messages sent that UTC day
+  ("job", job_id)                        QueueEntry
+  ("gen", job_id)                        atomic counter: the generation of the job's live message
+  ("lease", job_id)                      "owner|until_us": an attempt in progress
+  ("active", create_us, job_id)          "" - unfinished deliveries, oldest first
+  ("finished", finish_us, job_id)        "" - finished deliveries, purged after a week
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mailmesh_common.config import Settings
+from mailmesh_common.errors import Unavailable
+from mailmesh_common.kv import Database, open_database, root_subspace
+
+SPACE = root_subspace()["send"]
+RETENTION_S = 7 * 86400  # finished deliveries and released sends are kept this long
+
+
+def key(*parts: Any) -> bytes:
+    return SPACE.pack(tuple(parts))
+
+
+def prefix_range(*parts: Any) -> tuple[bytes, bytes]:
+    """[begin, end) of every key strictly below the tuple `parts`."""
+    return SPACE.range(tuple(parts))
+
+
+def unpack(k: bytes) -> tuple[Any, ...]:
+    return SPACE.unpack(k)
+
+
+def open_send_db(settings: Settings) -> Database:
+    if settings.fdb_cluster_file:
+        return open_database(f"fdb:{settings.fdb_cluster_file}")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_database(str(settings.data_dir / "send.db"))
+    except OSError as exc:
+        raise Unavailable(f"cannot open the send store: {exc.strerror}") from exc
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def ts(us: int) -> Timestamp:
+    t = Timestamp()
+    t.seconds, micros = divmod(us, 1_000_000)
+    t.nanos = micros * 1000
+    return t
+
+
+def us_of(t: Timestamp) -> int:
+    return t.seconds * 1_000_000 + t.nanos // 1000
+
+
+__all__ = ["RETENTION_S", "SPACE", "key", "now_us", "open_send_db", "prefix_range", "ts", "unpack", "us_of"]

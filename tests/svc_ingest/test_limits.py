@@ -1,0 +1,221 @@
+"""Per-IP limits (concurrent connections 421 4.7.0, messages per minute 451 4.7.1) and the size
+limit enforced while DATA is read: a 30 MB message is refused with 552 5.3.4 without the
+service's memory growing by anything like 30 MB (measured on a `python -m svc_ingest` child)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mailmesh_common.config import settings_env
+from svc_ingest.limits import ConnectionLimiter, RateLimiter
+from tests.dnsserver import DnsServer
+from tests.svc_ingest.conftest import (
+    IngestMesh,
+    Nats,
+    free_port,
+    in_thread,
+    ingest_settings,
+    message,
+    reply_of,
+    start_ingest_mesh,
+    stop_ingest_mesh,
+)
+from tests.svc_mailbox.conftest import start_mesh, stop_mesh
+
+MiB = 1024 * 1024
+
+
+# --- the limiters on their own --------------------------------------------------------------------
+
+def test_connection_limiter_counts_per_ip() -> None:
+    lim = ConnectionLimiter(2)
+    assert lim.acquire("192.0.2.1") and lim.acquire("192.0.2.1")
+    assert not lim.acquire("192.0.2.1")
+    assert lim.acquire("192.0.2.2")
+    lim.release("192.0.2.1")
+    assert lim.acquire("192.0.2.1")
+    assert ConnectionLimiter(0).acquire("x")  # 0 = unlimited
+
+
+def test_rate_limiter_refills_over_a_minute() -> None:
+    now = [1000.0]
+    lim = RateLimiter(6, clock=lambda: now[0])
+    assert all(lim.allow("192.0.2.1") for _ in range(6))
+    assert not lim.allow("192.0.2.1")
+    assert lim.allow("192.0.2.9")  # other addresses have their own budget
+    now[0] += 10  # 6 a minute: one every 10 s
+    assert lim.allow("192.0.2.1")
+    assert not lim.allow("192.0.2.1")
+    assert all(RateLimiter(0).allow("x") for _ in range(1000))
+
+
+# --- over SMTP ------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def limited(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> AsyncIterator[IngestMesh]:
+    m = await start_ingest_mesh(tmp_path, nats, dns_server, per_ip_max_connections=2,
+                                per_ip_messages_per_minute=3, max_message_bytes=200_000)
+    try:
+        yield m
+    finally:
+        await stop_ingest_mesh(m)
+
+
+async def test_third_concurrent_connection_from_one_ip_gets_421(limited: IngestMesh) -> None:
+    first, second = await in_thread(limited.smtp), await in_thread(limited.smtp)
+    try:
+        with pytest.raises(smtplib.SMTPConnectError) as err:
+            await in_thread(limited.smtp)
+        assert reply_of(err.value) == (421, b"4.7.0 Too many connections from your address, try again later")
+        await in_thread(first.quit)
+        deadline = time.monotonic() + 5
+        while True:  # the slot is free once the server saw the close
+            try:
+                third = await in_thread(limited.smtp)
+                break
+            except smtplib.SMTPConnectError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert (await in_thread(third.noop))[0] == 250
+        await in_thread(third.quit)
+    finally:
+        await in_thread(second.close)
+
+
+async def test_messages_over_the_per_minute_rate_get_451(limited: IngestMesh) -> None:
+    def run() -> list[tuple[int, bytes]]:
+        with limited.smtp() as s:
+            s.ehlo()
+            out = []
+            for _ in range(4):
+                out.append(s.docmd("MAIL FROM:<s@remote.test>"))
+                s.rset()
+            return out
+
+    replies = await in_thread(run)
+    assert replies[:3] == [(250, b"2.1.0 Sender OK")] * 3
+    assert replies[3] == (451, b"4.7.1 Too many messages from your address, try again later")
+
+
+async def test_message_over_the_size_limit_without_size_gets_552_after_data(limited: IngestMesh) -> None:
+    big = message("too big", body="x" * 76 + "\r\n") * 1  # header + one line
+    big += (b"y" * 998 + b"\r\n") * 250  # ~250 kB > 200_000
+
+    def run() -> tuple[tuple[int, bytes], tuple[int, bytes], tuple[int, bytes]]:
+        with limited.smtp() as s:
+            s.ehlo()
+            s.docmd("MAIL FROM:<s@remote.test>")  # no SIZE: the limit is found while reading
+            s.docmd("RCPT TO:<alice@example.com>")
+            code, _ = s.docmd("DATA")
+            assert code == 354
+            s.send(big + b".\r\n")
+            over = s.getreply()
+            return over, s.docmd("NOOP"), s.docmd("MAIL FROM:<s@remote.test> SIZE=200001")
+
+    over, noop, declared = await in_thread(run)
+    assert over == (552, b"5.3.4 Message too big for system")
+    assert noop == (250, b"2.0.0 OK")  # the session goes on
+    assert declared == (552, b"5.3.4 Message too big for system")
+    assert not await limited.messages("alice")
+
+
+# --- 30 MB against a real `python -m svc_ingest` ----------------------------------------------------
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"svc_ingest exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"svc_ingest did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _send_30mb(port: int) -> tuple[bytes, bytes]:
+    line = b"z" * 76 + b"\r\n"
+    chunk = line * (MiB // len(line))
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        f = sock.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                got = f.readline()
+                if got[3:4] != b"-":
+                    return got.rstrip(b"\r\n")
+
+        reply()
+        sock.sendall(b"EHLO client.remote.test\r\n")
+        reply()
+        sock.sendall(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+        assert reply().startswith(b"250") and reply().startswith(b"250") and reply().startswith(b"354")
+        sock.sendall(b"From: s@remote.test\r\nTo: alice@example.com\r\nSubject: thirty megabytes\r\n\r\n")
+        sent = 0
+        while sent < 30 * MiB:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        sock.sendall(b".\r\n")
+        over = reply()
+        sock.sendall(b"NOOP\r\n")
+        return over, reply()
+
+
+async def test_30mb_message_is_refused_without_buffering_it(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> None:
+    mailbox = await start_mesh(tmp_path, nats.url)
+    proc = None
+    try:
+        await mailbox.admin_setup("example.com", ("alice",))
+        settings = ingest_settings(mailbox.settings.data_dir, nats.url, mailbox.settings.addr("mailbox"), dns_server,
+                                   ingest_port=free_port(), smtp_port=free_port())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILMESH_")}
+        env.update(settings_env(settings))
+        log = tmp_path / "svc_ingest.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "svc_ingest"], env=env, stdout=out, stderr=out,
+                                    cwd=tmp_path)
+        await in_thread(_wait_port, settings.smtp_port, proc, log)
+        # warm up every code path with one ordinary message first
+        def ordinary() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=30) as s:
+                return s.sendmail("s@remote.test", ["alice@example.com"], message("warm up"))
+
+        assert await in_thread(ordinary) == {}
+        before = _status(proc.pid)
+        over, noop = await in_thread(_send_30mb, settings.smtp_port)
+        after = _status(proc.pid)
+        assert over == b"552 5.3.4 Message too big for system"
+        assert noop == b"250 2.0.0 OK"
+        growth = after["VmHWM"] - before["VmRSS"]
+        print(f"svc_ingest RSS before {before['VmRSS'] / MiB:.1f} MiB, peak after {after['VmHWM'] / MiB:.1f} MiB, "
+              f"growth {growth / MiB:.1f} MiB")
+        assert growth < 12 * MiB, f"memory grew by {growth / MiB:.1f} MiB while refusing 30 MB"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        await stop_mesh(mailbox)

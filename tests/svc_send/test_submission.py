@@ -1,0 +1,140 @@
+"""SMTP submission with a real client (smtplib, in a thread): STARTTLS, AUTH PLAIN and LOGIN
+checked against the mailbox, MAIL FROM limited to the account's addresses, then the same
+pipeline as the Send RPC (signed, Bcc stripped, SENT copy, local and remote delivery)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import smtplib
+import ssl
+from typing import Any
+
+import pytest
+
+from mailmesh_common.dns import Resolver
+from svc_ingest.checks.dkim import verify_dkim
+from svc_send.submission import SubmissionServer
+from tests.svc_send.conftest import REMOTE, SendMesh, wait_for
+
+PASSWORD = "correct horse battery"
+MESSAGE = (f"From: Alice <alice@example.com>\r\nTo: dave@{REMOTE}, bob@example.com\r\n"
+           "Bcc: carol@example.com\r\nSubject: from my desktop client\r\n\r\nHello from Thunderbird.\r\n")
+
+
+def _tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the dev certificate is self-signed
+    return ctx
+
+
+def _client(port: int) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    s.ehlo("desktop.example")
+    return s
+
+
+async def _in_inbox(sm: SendMesh, user: str, subject: str) -> bool:
+    return any(m.subject == subject for m in await sm.label(user, "INBOX"))
+
+
+@pytest.mark.send_settings(undo_send_s=30)  # no undo for SMTP clients: released at once
+async def test_authenticated_submission_over_starttls_is_sent(sm: SendMesh) -> None:
+    port = sm.send.submission.port
+    await sm.add_user("carol")
+
+    def submit() -> tuple[Any, ...]:
+        with _client(port) as s:
+            assert s.has_extn("starttls")
+            s.starttls(context=_tls())
+            s.ehlo("desktop.example")
+            assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
+            code, _ = s.login("alice@example.com", PASSWORD)
+            refused = s.sendmail("alice@example.com", [f"dave@{REMOTE}", "bob@example.com", "carol@example.com"],
+                                 MESSAGE.encode())
+            return code, refused
+
+    code, refused = await asyncio.to_thread(submit)
+    assert code == 235 and refused == {}
+    await wait_for(lambda: _got(sm), "the remote delivery")
+    got = sm.sink.messages[0]
+    assert got.rcpts == [f"dave@{REMOTE}"]
+    head = got.data.split(b"\r\n\r\n", 1)[0]
+    assert b"Bcc:" not in head and b"carol@" not in head
+    assert b"with ESMTPSA id" in head and b"Message-ID: <" in head and b"Date: " in head
+    results = await verify_dkim(Resolver([sm.dns.address]), got.data)
+    assert {x.result for x in results} == {"pass"} and len(results) == 2
+    await wait_for(lambda: _in_inbox(sm, sm.users["bob"], "from my desktop client"), "bob's copy")
+    await wait_for(lambda: _in_inbox(sm, sm.users["carol"], "from my desktop client"), "carol's Bcc copy")
+    sent = await sm.label(sm.users["alice"], "SENT")
+    assert [m.subject for m in sent] == ["from my desktop client"]
+
+
+async def _got(sm: SendMesh) -> bool:
+    return bool(sm.sink.messages)
+
+
+async def test_auth_login_works_and_a_wrong_password_is_refused(sm: SendMesh) -> None:
+    port = sm.send.submission.port
+
+    def run() -> tuple[Any, Any]:
+        with _client(port) as s:
+            s.starttls(context=_tls())
+            s.ehlo("desktop.example")
+            with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+                s.login("alice@example.com", "wrong password")
+            wrong = (err.value.smtp_code, err.value.smtp_error)
+            s.user, s.password = "alice@example.com", PASSWORD
+            ok = s.auth("LOGIN", s.auth_login)
+            return wrong, ok
+
+    wrong, ok = await asyncio.to_thread(run)
+    assert wrong == (535, b"5.7.8 Authentication credentials invalid")
+    assert ok[0] == 235
+
+
+async def test_mail_from_must_be_the_users_own_address(sm: SendMesh) -> None:
+    port = sm.send.submission.port
+
+    def run() -> tuple[Any, ...]:
+        with _client(port) as s:
+            unauthenticated = s.mail("alice@example.com")
+            s.rset()
+            s.login("alice@example.com", PASSWORD)  # loopback: allowed without TLS in dev
+            forged = s.mail("bob@example.com")
+            s.rset()
+            ok = s.mail("ALICE@example.com")
+            unknown = s.rcpt("nobody@example.com")
+            return unauthenticated, forged, ok, unknown
+
+    unauthenticated, forged, ok, unknown = await asyncio.to_thread(run)
+    assert unauthenticated[0] == 530
+    assert forged == (553, b"5.7.1 Sender address rejected: not owned by the authenticated user")
+    assert ok[0] == 250
+    assert unknown == (550, b"5.1.1 No such user")
+    assert sm.sink.messages == []
+
+
+async def test_auth_needs_tls_when_the_loopback_exemption_is_off(sm: SendMesh) -> None:
+    assert sm.settings is not None
+    strict = dataclasses.replace(sm.settings, submission_port=0, submission_auth_loopback_plaintext=False)
+    live = sm.send.submission
+    server = SubmissionServer(strict, live.outbox, live.mailbox, live.tls_context, live.hostname)
+    port = await server.start()
+    try:
+        def run() -> tuple[Any, ...]:
+            with _client(port) as s:
+                advertised = "auth" in s.esmtp_features
+                plain = s.docmd("AUTH", "PLAIN AGFsaWNlQGV4YW1wbGUuY29tAGNvcnJlY3QgaG9yc2UgYmF0dGVyeQ==")
+                s.starttls(context=_tls())
+                s.ehlo("desktop.example")
+                code, _ = s.login("alice@example.com", PASSWORD)
+                return advertised, plain, code
+
+        advertised, plain, code = await asyncio.to_thread(run)
+    finally:
+        await server.close()
+    assert not advertised
+    assert plain[0] == 538
+    assert code == 235
