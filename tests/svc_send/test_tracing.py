@@ -24,6 +24,12 @@ async def test_delivery_attempt_joins_the_trace_of_the_send(sm: SendMesh,
         trace_id = root.get_span_context().trace_id
         r = await sm.send_mail(alice, to=(f"dave@{REMOTE}",))
     await wait_for(lambda: _delivered(sm, alice, r.message_id), "the delivery")
+
+    async def spans_ended() -> bool:  # the consumer's spans end just after it records the status
+        names = {s.name for s in spans.get_finished_spans() if s.context.trace_id == trace_id}
+        return {"send.release", "outbound.consume", "outbound.attempt"} <= names
+
+    await wait_for(spans_ended, "the delivery's spans")
     finished = spans.get_finished_spans()
     by_name = {s.name: s for s in finished if s.context.trace_id == trace_id}
     assert {"send.release", "outbound.consume", "outbound.attempt"} <= set(by_name), sorted(by_name)
