@@ -12,35 +12,42 @@ from mailmesh_common.config import Settings
 from mailmesh_common.errors import MailmeshError, from_grpc
 
 
-class _MeshMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+def _with_mesh_metadata(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
     """Adds the mesh token, and the acting user of the current call when there is one."""
+    md = list(details.metadata or ())
+    keys = {k for k, _ in md}
+    if auth.TOKEN_KEY not in keys:
+        md.append((auth.TOKEN_KEY, token))
+    user = auth.acting_user()
+    if user and auth.USER_KEY not in keys:
+        md.append((auth.USER_KEY, user))
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*md),
+                                      details.credentials, details.wait_for_ready)
 
+
+# grpc.aio files an interceptor under one kind only, so unary and streaming calls get one each.
+class _UnaryMeshMetadata(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self.token = token
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        md = list(details.metadata or ())
-        keys = {k for k, _ in md}
-        if auth.TOKEN_KEY not in keys:
-            md.append((auth.TOKEN_KEY, self.token))
-        user = auth.acting_user()
-        if user and auth.USER_KEY not in keys:
-            md.append((auth.USER_KEY, user))
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*md),
-                                          details.credentials, details.wait_for_ready)
-
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_mesh_metadata(details, self.token), request)
+
+
+class _StreamMeshMetadata(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.token = token
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_mesh_metadata(details, self.token), request)
 
 
 def channel(target: str, settings: Settings) -> grpc.aio.Channel:
     """An aio channel to another service of the mesh."""
     return grpc.aio.insecure_channel(
         target,
-        interceptors=[*telemetry.grpc_client_interceptors(), _MeshMetadata(settings.token())],
+        interceptors=[*telemetry.grpc_client_interceptors(), _UnaryMeshMetadata(settings.token()),
+                      _StreamMeshMetadata(settings.token())],
         options=[("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                  ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
                  ("grpc.keepalive_time_ms", 30_000),

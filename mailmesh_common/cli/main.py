@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailmesh_common.cli.admin import add_admin_commands
+from mailmesh_common.cli.search import add_search_commands
 from mailmesh_common.cli.send import add_send_commands
 from mailmesh_common.cli.spam import add_spam_commands
 from mailmesh_common.cli.status import add_status_command
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=run_gen)
     dev.set_defaults(func=lambda _args: _usage(dev))
     add_admin_commands(sub)
+    add_search_commands(sub)
     add_spam_commands(sub)
     add_send_commands(sub)
     parser.set_defaults(func=lambda _args: _usage(parser))

@@ -72,3 +72,14 @@ async def test_grpc_calls_are_traced_and_health_is_not(mesh: Mesh, users: dict[s
         assert not any("Health" in n for n, _ in names)
     finally:
         await ch.close()
+
+
+async def test_mesh_channel_authenticates_streaming_calls(mesh: Mesh, users: dict[str, str]) -> None:
+    ch = grpcclient.channel(mesh.settings.addr("mailbox"), mesh.settings)
+    try:
+        stub = pb_grpc.MailboxServiceStub(ch)
+        got = [x async for x in stub.ExportMessages(pb.ExportMessagesRequest(parent=f"users/{users['alice']}"),
+                                                    timeout=10)]
+        assert got == []  # authenticated (no UNAUTHENTICATED), and alice has no mail yet
+    finally:
+        await ch.close()
