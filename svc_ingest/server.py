@@ -14,7 +14,7 @@ import grpc
 from mailmesh.v1 import ingest_service_pb2_grpc as pb_grpc
 from mailmesh.v1 import mailbox_service_pb2_grpc as mb_grpc
 
-from mailmesh_common import grpcclient
+from mailmesh_common import grpcclient, tls
 from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.dns import Resolver
@@ -22,7 +22,6 @@ from mailmesh_common.errors import ConfigError, Unavailable
 from mailmesh_common.grpcserver import PortInUse
 from mailmesh_common.kv import Database, open_database
 from mailmesh_common.service import ServiceContext, main
-from svc_ingest import tls
 from svc_ingest.checks.virus import ClamdScanner, parse_address
 from svc_ingest.handoff import Handoff
 from svc_ingest.limits import Limits

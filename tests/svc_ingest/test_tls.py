@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mailmesh_common import tls
 from mailmesh_common.config import load_settings
 from mailmesh_common.errors import ConfigError
-from svc_ingest import tls
 
 
 def test_configured_certificate_is_used_and_both_files_are_required(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The STARTTLS certificate: the configured one (tls_cert_file + tls_key_file), or a self-signed
+"""TLS certificates for the mesh's SMTP listeners (MX STARTTLS, submission): the configured one (tls_cert_file + tls_key_file), or a self-signed
 one generated into `{data_dir}/tls/` on first start and reused after (renewed when it is about
 to expire).
 
