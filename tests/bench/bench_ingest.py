@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,20 +41,10 @@ from nats.aio.msg import Msg
 from mailmesh_common import auth
 from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
+from tests.bench.common import free_port, pct
 from tests.dnsserver import DnsServer
 
 MESSAGE_BYTES = 10 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def make_message(run: str, i: int, rcpt: str) -> bytes:

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -32,19 +31,9 @@ from mailmesh_common.natsserver import find_nats_server, write_config
 from mailmesh_common.service import run_until_stopped, serve
 from svc_mailbox.server import register
 from svc_mailbox.servicer import service_name
+from tests.bench.common import free_port, pct
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "mail" / "jailhouse-dev"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def _base() -> list[bytes]:

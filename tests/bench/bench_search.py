@@ -31,7 +31,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,23 +53,13 @@ from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import load_settings, settings_env
 from mailmesh_common.mime import parse_message
 from mailmesh_common.natsserver import find_nats_server, write_config
+from tests.bench.common import free_port, pct
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "mail" / "jailhouse-dev"
 REPO = Path(__file__).resolve().parents[2]
 SPAN_S = 3 * 365 * 86_400  # received dates spread over three years
 END = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
 WORD = re.compile(r"[A-Za-z]{4,12}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def summary(ms: list[float]) -> dict[str, float]:

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -51,22 +50,12 @@ from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
 from svc_send.dkim_keys import DkimKeyStore, dkim_root
 from svc_send.tls import self_signed
+from tests.bench.common import free_port, pct
 from tests.dnsserver import DnsServer
 
 REMOTE = "remote.test"
 BODY = "The quick brown fox jumps over the lazy dog while the benchmark keeps counting.\n" * 60  # ~5 kB
 _SUBJECT = re.compile(rb"^Subject: bench (\w+) (\d+)\r?$", re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def summary(values: list[float]) -> dict[str, float | None]:
