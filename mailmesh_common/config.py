@@ -41,6 +41,7 @@ class Settings:
     # NATS
     nats_port: int = 4222
     nats_url: str = ""  # default nats://{host}:{nats_port}
+    stream_replicas: int = 1  # JetStream replicas of INBOUND/EVENTS/OUTBOUND (3 on a cluster)
     # where services find each other (default {host}:{port})
     mailbox_addr: str = ""
     search_addr: str = ""
@@ -98,6 +99,14 @@ class Settings:
     submission_tls_key_file: str = ""  # PEM private key for submission_tls_cert_file
     submission_auth_require_tls: bool = True  # AUTH only after STARTTLS...
     submission_auth_loopback_plaintext: bool = True  # ...except from loopback addresses (dev)
+    # svc_gateway
+    gateway_token_ttl_s: float = 86_400.0  # lifetime of a REST bearer token
+    gateway_requests_per_minute: int = 1000  # REST requests per user per minute; 0 = unlimited
+    gateway_searches_per_minute: int = 100  # REST searches (q=) per user per minute; 0 = unlimited
+    gateway_login_failures_per_account: int = 10  # failed logins per account per 15 min; more: 429
+    gateway_login_failures_per_ip: int = 50  # failed logins per client IP per 15 min; more: 429
+    gateway_max_request_bytes: int = 36 * 1024 * 1024  # REST request body limit (413 beyond)
+    gateway_cors_origins: tuple[str, ...] = ()  # allowed CORS origins ("*" for any); empty: no CORS
     extra: Mapping[str, str] = field(default_factory=dict)
 
     # --- derived -------------------------------------------------------------------------

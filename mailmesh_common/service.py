@@ -80,7 +80,7 @@ async def serve(name: str, port: int, settings: Settings, register: Register, *,
     if needs_nats:
         ctx.nc = await connect_nats(settings, name)
         ctx.js = ctx.nc.jetstream(timeout=10)
-        await streams.ensure_streams(ctx.js)
+        await streams.ensure_streams(ctx.js, replicas=settings.stream_replicas)
     await register(ctx)
     await server.start()
     return ctx

@@ -103,6 +103,7 @@ def _config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
 
 async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
     """Creates or updates INBOUND, EVENTS, OUTBOUND; safe to call from every process at start."""
+    replicas = max(1, min(replicas, 5))  # JetStream allows R1..R5
     for spec in ALL_STREAMS:
         cfg = _config(spec, replicas)
         try:
