@@ -19,6 +19,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, SmtpFace, Unavailable
 
 _REF = re.compile(r"[0-9a-f]{64}")
@@ -63,6 +64,13 @@ class BlobStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._tmp = self.root / _TMP_DIR
+
+    async def check(self) -> None:
+        """Fails with Unavailable unless the store can be written (services call it at start)."""
+        try:
+            await asyncio.to_thread(self._makedirs, self._tmp)
+        except OSError as e:
+            raise _unavailable(e) from None
 
     def path(self, ref: str) -> Path:
         """Where the blob ref lives (whether or not it exists)."""
@@ -321,3 +329,14 @@ async def _aiter(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> AsyncIterato
     else:
         for chunk in chunks:
             yield chunk
+
+
+def open_blobstore(settings: Settings) -> BlobStore:
+    """The configured blob store: files under `{data_dir}/blobs`, or an S3-compatible bucket
+    when `blob_url` is `s3://bucket[/prefix]` (see blobstore_s3.py)."""
+    if settings.blob_url:
+        from mailmesh_common.blobstore_s3 import S3BlobStore
+
+        return S3BlobStore.from_url(settings.blob_url, endpoint_url=settings.s3_endpoint_url,
+                                    region=settings.s3_region)
+    return BlobStore(settings.data_dir / "blobs")

@@ -49,6 +49,9 @@ class Settings:
     # state
     kv_path: str = ""  # default {data_dir}/mailbox.db
     fdb_cluster_file: str = ""
+    blob_url: str = ""  # "" = files under {data_dir}/blobs; s3://bucket[/prefix] = S3-compatible store
+    s3_endpoint_url: str = ""  # S3 API endpoint for MinIO / Ceph RGW / R2 ("" = AWS)
+    s3_region: str = ""  # S3 region ("" = from the AWS configuration)
     meili_url: str = ""
     meili_api_key: str = ""
     # security
