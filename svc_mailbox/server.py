@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
 
-from mailmesh_common.blobstore import BlobStore
+from mailmesh_common.blobstore import open_blobstore
 from mailmesh_common.errors import Unavailable
 from mailmesh_common.kv import open_database
 from mailmesh_common.service import ServiceContext, main
@@ -24,13 +24,14 @@ def open_store(ctx: ServiceContext) -> Mailbox:
         db = open_database(url)
     except OSError as exc:
         raise Unavailable(f"cannot open the mailbox store: {exc.strerror}") from exc
-    return Mailbox(db, BlobStore(s.data_dir / "blobs"), s, ChangeHub())
+    return Mailbox(db, open_blobstore(s), s, ChangeHub())
 
 
 async def register(ctx: ServiceContext) -> None:
     mailbox = open_store(ctx)
     ctx.components["mailbox"] = mailbox
     ctx.closers.append(mailbox.db.close)
+    await mailbox.blobs.check()
     pb_grpc.add_MailboxServiceServicer_to_server(MailboxServicer(mailbox), ctx.server.server)
     assert ctx.js is not None
     await mailbox.resume_jobs()

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mailmesh_common.blobstore import BlobStore, BlobTooLarge, open_blobstore
 from mailmesh_common.config import load_settings
 from mailmesh_common.errors import ConfigError, InvalidInput, NotFound, Unavailable
+from tests.s3server import aws_env, make_bucket, s3_client, s3_endpoint  # noqa: F401
 
-boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+pytest.importorskip("boto3", reason="boto3 is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _aws(aws_env: None) -> None:  # noqa: F811
+    return None
 
 
 def _free_port() -> int:
@@ -26,49 +30,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Credentials of the loopback server; never anything of the developer's.
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def _client(endpoint: str) -> Any:
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-
-
-def _bucket(endpoint: str, name: str, *, versioned: bool = True) -> None:
-    c = _client(endpoint)
-    c.create_bucket(Bucket=name)
-    if versioned:
-        c.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-
-
-_COUNTER = iter(range(10**6))
-
-
 @pytest.fixture(params=["file", "s3"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     if request.param == "file":
         yield open_blobstore(load_settings(env={"MAILMESH_DATA_DIR": str(tmp_path)}))
         return
     endpoint = request.getfixturevalue("s3_endpoint")
-    bucket = f"blobs-{next(_COUNTER)}"
-    _bucket(endpoint, bucket)
+    bucket = make_bucket(endpoint)
     s = open_blobstore(load_settings(env={"MAILMESH_BLOB_URL": f"s3://{bucket}/mail",
                                           "MAILMESH_S3_ENDPOINT_URL": endpoint}))
     await s.check()
@@ -153,9 +121,9 @@ async def test_collect_spares_fresh_blobs_and_removes_old_ones(store: BlobStore)
     assert await store.get(ref) == b"collect me"
 
 
-async def test_s3_collect_removes_every_old_version(s3_endpoint: str) -> None:
-    _bucket(s3_endpoint, "versions")
-    s3 = open_blobstore(load_settings(env={"MAILMESH_BLOB_URL": "s3://versions",
+async def test_s3_collect_removes_every_old_version(s3_endpoint: str) -> None:  # noqa: F811
+    bucket = make_bucket(s3_endpoint)
+    s3 = open_blobstore(load_settings(env={"MAILMESH_BLOB_URL": f"s3://{bucket}",
                                            "MAILMESH_S3_ENDPOINT_URL": s3_endpoint}))
     s3.fresh_s = 0  # type: ignore[attr-defined]  # every put uploads: several versions
     ref = await s3.put(b"v")
@@ -163,13 +131,13 @@ async def test_s3_collect_removes_every_old_version(s3_endpoint: str) -> None:
     await s3.touch(ref)
     assert await s3.collect(ref, grace_s=0)
     assert not await s3.exists(ref), "no older version resurfaces after collection"
-    listing = _client(s3_endpoint).list_object_versions(Bucket="versions")
+    listing = s3_client(s3_endpoint).list_object_versions(Bucket=bucket)
     assert not listing.get("Versions") and not listing.get("DeleteMarkers")
 
 
-async def test_s3_bucket_without_versioning_is_refused(s3_endpoint: str) -> None:
-    _bucket(s3_endpoint, "unversioned", versioned=False)
-    s3 = open_blobstore(load_settings(env={"MAILMESH_BLOB_URL": "s3://unversioned",
+async def test_s3_bucket_without_versioning_is_refused(s3_endpoint: str) -> None:  # noqa: F811
+    bucket = make_bucket(s3_endpoint, versioned=False)
+    s3 = open_blobstore(load_settings(env={"MAILMESH_BLOB_URL": f"s3://{bucket}",
                                            "MAILMESH_S3_ENDPOINT_URL": s3_endpoint}))
     with pytest.raises(Unavailable, match="versioning"):
         await s3.check()
