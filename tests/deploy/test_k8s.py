@@ -68,7 +68,8 @@ def test_secrets_are_generated_from_an_ignored_file() -> None:
     (gen,) = base["secretGenerator"]
     assert gen["envs"] == ["secrets.env"]
     assert "k8s/base/secrets.env" in (ROOT / ".gitignore").read_text()
-    assert _secret_keys() == {"MAILMESH_INTERNAL_TOKEN", "MAILMESH_MEILI_API_KEY"}
+    assert _secret_keys() == {"MAILMESH_INTERNAL_TOKEN", "MAILMESH_MEILI_API_KEY",
+                              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
 def _containers() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -92,6 +93,7 @@ def test_every_service_setting_is_one_mailmesh_accepts() -> None:
         s = load_settings(env=env)  # raises ConfigError on any unknown key or bad value
         assert str(s.host) == "0.0.0.0", name
         assert s.stream_replicas == 3
+        assert s.blob_url.startswith("s3://"), "pods share raw messages through the object store"
         seen.add(name)
     assert seen == set(SERVICES)
 
