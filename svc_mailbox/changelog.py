@@ -9,6 +9,7 @@ drops the repeats, so consumers see each change once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 
@@ -39,6 +40,13 @@ def list_changes(tr: Transaction, *, user: str, since: int, limit: int) -> tuple
     rows = tr.get_range(begin, end, limit=limit + 1)
     changes = [types_pb2.Change.FromString(v) for _, v in rows[:limit]]
     return changes, highest, len(rows) > limit
+
+
+def _clear_gone(tr: Transaction, user: str) -> None:
+    """Clears a published account-deleted event, and the relay's keys of that user in case a
+    relay pass that was running during the deletion wrote them back."""
+    for family in ("gone", "relay", "dirty"):
+        tr.clear(keys.g(family, user))
 
 
 class ChangeHub:
@@ -100,7 +108,22 @@ class EventsRelay:
         for k, _ in rows:
             user = str(keys.unpack(k)[-1])
             more |= await self.relay_user(user)
+        more |= await self.relay_deleted_accounts()
         return more or len(rows) == DIRTY_SCAN
+
+    async def relay_deleted_accounts(self) -> bool:
+        """Publishes the account-deleted events that jobs.py left in the ("gone", user) outbox,
+        clearing each once acked; True if more may be pending."""
+        begin, end = keys.g_range("gone")
+        rows = await self.db.run(lambda tr: tr.get_range(begin, end, limit=DIRTY_SCAN), readonly=True)
+        for k, raw in rows:
+            user = str(keys.unpack(k)[-1])
+            event = events_pb2.MailboxEvent.FromString(raw)
+            tp = event.account_deleted.traceparent
+            await streams.publish(self.js, streams.events_subject(user), event, msg_id=f"{user}:deleted",
+                                  headers={"traceparent": tp} if tp else {})
+            await self.db.run(functools.partial(_clear_gone, user=user))
+        return len(rows) == DIRTY_SCAN
 
     async def relay_user(self, user: str) -> bool:
         def read(tr: Transaction) -> tuple[int, list[tuple[int, bytes]]]:

@@ -2,20 +2,25 @@
 label (removing it from every message), emptying TRASH or SPAM, deleting an account, and
 rebuilding a mailbox's counters. Each job is recorded in the KV store first; every batch commits
 its progress; `resume` finishes jobs a crash interrupted. No step comes near FoundationDB's
-5 s / 10 MB transaction limits."""
+5 s / 10 MB transaction limits.
+
+The last step of an account deletion writes, in the same transaction that clears the account's
+last keys, an account-deleted MailboxEvent to the global ("gone", user) outbox; the EVENTS relay
+publishes it on the user's subject (so search, push and IMAP drop the user) and then clears it.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from mailmesh.v1 import types_pb2
+from mailmesh.v1 import events_pb2, types_pb2
 
 from mailmesh_common import address
 from mailmesh_common.errors import InvalidInput, NotFound, PermissionDenied
 from mailmesh_common.kv import Transaction, encode_counter
 from svc_mailbox import index, keys, labels, messages
-from svc_mailbox.txn import MailTx
+from svc_mailbox.txn import MailTx, ts_from_us
 
 BATCH = 100
 DELETE_BATCH = 200  # messages released per step of an account deletion
@@ -68,8 +73,15 @@ def start_delete_account(mtx: MailTx) -> str:
     tr.add(keys.g("domctr", domain), -1)
     tr.set(keys.u(mtx.user, "deleting"), b"")
     job_id = "delaccount"
-    _save(mtx, job_id, {"kind": "delete_account", "phase": "messages", "deleted": 0})
+    _save(mtx, job_id, {"kind": "delete_account", "phase": "messages", "deleted": 0,
+                        "last_modseq": mtx.current_modseq()})
     return job_id
+
+
+def account_deleted_event(user: str, last_modseq: int, now_us: int, traceparent: str = "") -> events_pb2.MailboxEvent:
+    """The EVENTS payload announcing that `user`'s account and mail are gone."""
+    return events_pb2.MailboxEvent(account_deleted=events_pb2.AccountDeleted(
+        user_id=user, last_modseq=last_modseq, time=ts_from_us(now_us), traceparent=traceparent))
 
 
 def start_recount(mtx: MailTx) -> str:
@@ -105,6 +117,9 @@ def _step_delete_account(mtx: MailTx, job_id: str, job: dict[str, Any]) -> tuple
         tr.clear(keys.g("dirty", mtx.user))
         tr.clear(keys.g("relay", mtx.user))
         tr.clear(keys.g("jobs", mtx.user, job_id))
+        # the outbox entry the relay turns into the user's last event (see the module docstring)
+        event = account_deleted_event(mtx.user, int(job.get("last_modseq", 0)), mtx.now, mtx.traceparent)
+        tr.set(keys.g("gone", mtx.user), event.SerializeToString())
         return True, 0
     return False, 0
 

@@ -9,6 +9,8 @@ global
   ("acctdom", domain, primary_address)    user_id                  (ListAccounts in a domain)
   ("dirty", user_id)                      b""                      (changelog not yet relayed)
   ("relay", user_id)                      counter                  (last modseq published to EVENTS)
+  ("gone", user_id)                       MailboxEvent             (account deleted; the relay publishes
+                                                                    it to EVENTS, then clears it)
   ("blob", sha256)                        counter                  (references to a blob)
   ("blobgc", ts, sha256)                  b""                      (unreferenced since ts: collect
   ("blobgcref", sha256)                   ts                        after the grace period)

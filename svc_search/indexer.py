@@ -6,16 +6,15 @@ Per mailbox change (MailboxEvent on mailbox.events.<user>):
 - LABELS_CHANGED, FLAGS_CHANGED, THREAD_CHANGED: labels, unread, starred and thread are taken
   from the change (no mailbox call), applied only if the change is newer than the document;
 - MESSAGE_DELETED: the document is removed (trashing is a label change: TRASH);
+- account_deleted (no change): every document of the user is removed;
 - label and delivery changes need nothing (labels are matched by id, names resolved per query).
 
-Batching: each fetch returns what is waiting (up to BATCH events); the messages to read are
-fetched concurrently, the changes are applied in order to an in-memory overlay, then written
-in ONE backend write (one tantivy commit), and only then acked. A temporary failure (mailbox
-or backend unavailable) naks the event and everything after it in the batch, with a delay;
-undecodable payloads are terminated. Redelivery is harmless: every write is guarded by MODSEQ.
-
-This consumer does not use streams.consume, which acks each message after its own handler:
-acking only after a shared commit needs the whole batch in hand.
+Batching (streams.consume_batch): each fetch returns what is waiting (up to BATCH events); the
+messages to read are fetched concurrently, the changes are applied in order to an in-memory
+overlay, then written in ONE backend write (one tantivy commit), and only then acked. A
+temporary failure (mailbox or backend unavailable) naks the event and everything after it in the
+batch, with a delay; undecodable payloads are terminated. Redelivery is harmless: every write is
+guarded by MODSEQ.
 """
 
 from __future__ import annotations
@@ -27,18 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import nats
-from google.protobuf.message import DecodeError
 from mailmesh.v1 import events_pb2, types_pb2
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from mailmesh_common import streams, telemetry
 from mailmesh_common.errors import MailmeshError, Unavailable
 from svc_search.backends.base import Key
 from svc_search.documents import SearchDocument, from_message
 from svc_search.mailbox import MailboxClient
-from svc_search.store import DocStore
+from svc_search.store import EVERYTHING, DocStore
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +51,12 @@ CT = types_pb2
 STATE_CHANGES = (CT.CHANGE_TYPE_LABELS_CHANGED, CT.CHANGE_TYPE_FLAGS_CHANGED, CT.CHANGE_TYPE_THREAD_CHANGED)
 MESSAGE_CHANGES = (CT.CHANGE_TYPE_MESSAGE_ADDED, CT.CHANGE_TYPE_MESSAGE_DELETED, *STATE_CHANGES)
 
+Delivery = streams.Delivery[events_pb2.MailboxEvent]
+
 
 @dataclass
 class _Event:
-    raw: Msg
+    d: Delivery
     change: types_pb2.Change
 
     @property
@@ -75,6 +73,7 @@ class Indexer:
         self.durable = durable
         self.batch = batch
         self.indexed = 0  # events applied since start
+        self.accounts_deleted = 0  # account deletions applied since start
         # highest MODSEQ indexed per user since start (bounded; for tests and operators)
         self.applied: OrderedDict[str, int] = OrderedDict()
 
@@ -95,66 +94,74 @@ class Indexer:
             raise Unavailable(f"cannot read the indexer's position: {exc.__class__.__name__}") from exc
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
-    async def subscribe(self) -> JetStreamContext.PullSubscription:
-        subject = streams.EVENTS.subjects[0]
-        cfg = js_api.ConsumerConfig(durable_name=self.durable, ack_policy=js_api.AckPolicy.EXPLICIT,
-                                    ack_wait=ACK_WAIT_S, max_ack_pending=max(4 * self.batch, 1024),
-                                    max_deliver=-1, filter_subject=subject)
-        return await self.js.pull_subscribe(subject, durable=self.durable, stream=streams.EVENTS.name, config=cfg)
+    def options(self) -> streams.ConsumerOptions:
+        return streams.ConsumerOptions(
+            durable=self.durable, filter_subject=streams.EVENTS.subjects[0], batch=self.batch,
+            ack_wait_s=ACK_WAIT_S, max_ack_pending=max(4 * self.batch, 1024), max_deliver=-1,
+            nak_delay_s=NAK_DELAY_S, fetch_timeout_s=FETCH_TIMEOUT_S)
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self.subscribe()
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(self.batch, timeout=FETCH_TIMEOUT_S)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
-                except Exception as exc:
-                    if stop.is_set():
-                        break
-                    log.warning("fetch from EVENTS failed: %s", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                try:
-                    await self.process(msgs)
-                except Exception:  # the indexer must outlive any one batch; its events come back
-                    log.exception("indexing a batch of %d events failed; they will be redelivered", len(msgs))
-                    await self._nak_raw(msgs)
-                    await asyncio.sleep(NAK_DELAY_S)
-        finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+        await streams.consume_batch(self.js, streams.EVENTS, events_pb2.MailboxEvent, self.process,
+                                    self.options(), stop)
 
     # --- one batch
-    async def process(self, msgs: Sequence[Msg]) -> None:
-        events: list[_Event] = []
-        for raw in msgs:
-            try:
-                change = events_pb2.MailboxEvent.FromString(raw.data).change
-            except DecodeError:
-                log.error("terminating undecodable event on %s", raw.subject)
-                await raw.term()
+    async def process(self, batch: list[Delivery]) -> None:
+        """Indexes a batch in order; marks each delivery ack, nak or term (consume_batch settles
+        them). Segments of message changes are written together; an account deletion is applied
+        on its own, after the changes before it."""
+        for d in batch:
+            d.nak(NAK_DELAY_S)  # until applied
+        segment: list[_Event] = []
+        for d in batch:
+            ev = d.payload
+            if ev.HasField("account_deleted"):
+                if segment and not await self._index(segment):
+                    return  # postponed: this event and the rest are nakked
+                segment = []
+                if not await self._delete_account(d, ev.account_deleted):
+                    return
                 continue
+            change = ev.change
             if change.type in MESSAGE_CHANGES and (not change.user_id or not change.message_id):
-                log.error("terminating event without user or message on %s", raw.subject)
-                await raw.term()
+                log.error("terminating event without user or message on %s", d.subject)
+                d.term()
                 continue
-            events.append(_Event(raw, change))
-        if events:
-            await self._index(events)
+            segment.append(_Event(d, change))
+        if segment:
+            await self._index(segment)
 
-    async def _index(self, events: Sequence[_Event]) -> None:
+    async def _delete_account(self, d: Delivery, gone: events_pb2.AccountDeleted) -> bool:
+        """Removes every document of a deleted account; False if postponed (nakked)."""
+        user = gone.user_id
+        if not user or d.subject != streams.events_subject(user):
+            log.error("terminating account-deleted event for %r on %s", user, d.subject)
+            d.term()
+            return True
+        with d.span("events.index", {"messaging.consumer.group.name": self.durable,
+                                     "mailmesh.account_deleted": True}) as span:
+            try:
+                async with self.store.lock:
+                    removed = await self.store.backend.delete_stale(user, EVERYTHING, EVERYTHING)
+                    self.store.note_account_deleted(user)
+            except Unavailable as exc:
+                log.warning("removing the documents of deleted user %s postponed: %s", user, exc.message)
+                return False
+            span.set_attribute("mailmesh.deleted", removed)
+        log.info("user %s was deleted: %d search documents removed", user, removed)
+        d.ack()
+        self.accounts_deleted += 1
+        self.applied.pop(user, None)
+        return True
+
+    async def _index(self, events: Sequence[_Event]) -> bool:
+        """Indexes `events` in one write; True if all were settled (acked or terminated)."""
         fetched = await self._fetch_added(events)
         async with self.store.lock:
             try:
                 done, upserts, deletes = await self._apply(events, fetched)
             except Unavailable as exc:
                 log.warning("indexing batch postponed: %s", exc.message)
-                await self._nak(events)
-                return
+                return False
             try:
                 with telemetry.tracer().start_as_current_span(
                         "search.index.commit", attributes={"mailmesh.documents": len(upserts),
@@ -167,37 +174,33 @@ class Indexer:
                 self.store.note_deleted(deletes)
         if isinstance(failed, Unavailable):
             log.warning("search index write failed: %s; events will be redelivered", failed.message)
-            await self._nak(events)
-            return
+            return False
         if failed is not None:
             if len(events) > 1:  # isolate the event the backend refuses: one write per event
                 log.warning("search index write of %d events failed (%r); retrying one by one", len(events), failed)
+                ok = True
                 for ev in events:
-                    await self._index([ev])
-                return
-            await self._refused(events[0], failed)
-            return
+                    ok = await self._index([ev]) and ok
+                return ok
+            self._refused(events[0], failed)
+            return False
         for ev in events[:done]:
-            await ev.raw.ack()
+            ev.d.ack()
             self._applied(ev.change)
-        await self._nak(events[done:])
         self.indexed += done
+        return done == len(events)
 
-    async def _refused(self, ev: _Event, exc: Exception) -> None:
+    def _refused(self, ev: _Event, exc: Exception) -> None:
         """One event the backend keeps refusing: retried, then terminated (logged) so that it
         does not hold the rest back forever."""
-        try:
-            attempts = int(ev.raw.metadata.num_delivered or 1)
-        except Exception:
-            attempts = 1
+        attempts = ev.d.attempts
         if attempts >= POISON_ATTEMPTS:
             log.error("terminating change %s of user %s after %d failed attempts: %r",
                       ev.change.modseq, ev.change.user_id, attempts, exc)
-            await ev.raw.term()
+            ev.d.term()
             return
         log.warning("search index refused change %s of user %s (%r); retrying later",
                     ev.change.modseq, ev.change.user_id, exc)
-        await self._nak([ev])
 
     def _applied(self, c: types_pb2.Change) -> None:
         if c.modseq > self.applied.get(c.user_id, 0):
@@ -205,21 +208,6 @@ class Indexer:
             self.applied.move_to_end(c.user_id)
             while len(self.applied) > APPLIED_USERS:
                 self.applied.popitem(last=False)
-
-    async def _nak(self, events: Sequence[_Event]) -> None:
-        for ev in events:
-            try:
-                await ev.raw.nak(delay=NAK_DELAY_S)
-            except Exception:
-                pass  # redelivered after ack_wait anyway
-
-    @staticmethod
-    async def _nak_raw(msgs: Sequence[Msg]) -> None:
-        for raw in msgs:
-            try:
-                await raw.nak(delay=NAK_DELAY_S)
-            except Exception:
-                pass
 
     async def _fetch_added(self, events: Sequence[_Event]) -> dict[Key, types_pb2.Message | None | Exception]:
         """Reads the messages added in this batch from the mailbox, concurrently."""
@@ -247,10 +235,8 @@ class Indexer:
         done = 0
         for ev in events:
             c = ev.change
-            headers = ev.raw.headers or {}
-            with telemetry.consumer_span("events.index", headers, {
-                    "messaging.system": "nats", "messaging.destination.name": ev.raw.subject,
-                    "messaging.consumer.group.name": self.durable, "mailmesh.change": int(c.type)}):
+            with ev.d.span("events.index", {"messaging.consumer.group.name": self.durable,
+                                            "mailmesh.change": int(c.type)}):
                 try:
                     await self._apply_one(ev, state, dirty, fetched)
                 except Unavailable:

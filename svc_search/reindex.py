@@ -21,12 +21,11 @@ from mailmesh_common.errors import NotFound
 from mailmesh_common.mime import parse_message
 from svc_search.documents import SearchDocument, fill_full, from_message
 from svc_search.mailbox import MailboxClient
-from svc_search.store import DocStore
+from svc_search.store import EVERYTHING, DocStore
 
 log = logging.getLogger(__name__)
 
 CHUNK = 200
-EVERYTHING = (1 << 63) - 1
 
 
 @dataclass
@@ -67,8 +66,8 @@ class Reindexer:
         try:
             account = await self.mailbox.account(user)
         except NotFound:
-            # the account is gone (deleting an account publishes no per-message events): its
-            # documents are all stale
+            # the account is gone (its account_deleted event removes them too): its documents
+            # are all stale
             async with self.store.lock:
                 p.removed += await self.store.backend.delete_stale(user, EVERYTHING, EVERYTHING)
             log.info("user %s no longer exists: %d documents removed", user, p.removed)

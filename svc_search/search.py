@@ -18,6 +18,7 @@ from svc_search.pagetoken import PageState, PageTokens
 from svc_search.query import compile as qc
 from svc_search.query.ast import Plan
 from svc_search.query.parser import parse
+from svc_search.rebuild import Rebuilder
 from svc_search.snippets import make_snippet
 
 DEFAULT_PAGE_SIZE = 50
@@ -33,10 +34,12 @@ class Resolved:
 
 
 class SearchEngine:
-    def __init__(self, backend: Backend, mailbox: MailboxClient, tokens: PageTokens) -> None:
+    def __init__(self, backend: Backend, mailbox: MailboxClient, tokens: PageTokens,
+                 rebuilder: Rebuilder | None = None) -> None:
         self.backend = backend
         self.mailbox = mailbox
         self.tokens = tokens
+        self.rebuilder = rebuilder
 
     async def plan(self, user: str, query: str, now: int | None = None) -> Resolved:
         """The plan of `query` for `user` (raises QuerySyntaxError for a malformed query)."""
@@ -59,6 +62,8 @@ class SearchEngine:
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         state = self.tokens.decode(request.page_token, user, request.query, order) if request.page_token else None
         resolved = await self.plan(user, request.query, state.now if state else None)
+        if self.rebuilder is not None:
+            self.rebuilder.check(user)  # never a partial answer from an index being rebuilt
         page = await self.backend.search(user, resolved.plan, order, page_size, state.cursor if state else None)
         returned = state.returned if state else 0
         highlight = qc.highlight_tokens(resolved.plan)

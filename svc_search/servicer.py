@@ -1,5 +1,6 @@
 """SearchService over gRPC: resource names and authorization in, protobuf out. The work is in
-search.py (queries), reindex.py (rebuilds) and indexer.py (status)."""
+search.py (queries), reindex.py (reindexing), rebuild.py (rebuilding a lost index at start) and
+indexer.py (status)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mailmesh.v1 import search_service_pb2_grpc as pb_grpc
 from mailmesh_common.auth import acting_user, user_from_parent
 from mailmesh_common.errors import InvalidInput, PermissionDenied
 from svc_search.indexer import Indexer
+from svc_search.rebuild import Rebuilder
 from svc_search.reindex import Reindexer
 from svc_search.search import SearchEngine
 
@@ -26,10 +28,12 @@ def system_only(what: str) -> None:
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, engine: SearchEngine, reindexer: Reindexer, indexer: Indexer | None) -> None:
+    def __init__(self, engine: SearchEngine, reindexer: Reindexer, indexer: Indexer | None,
+                 rebuilder: Rebuilder | None = None) -> None:
         self.engine = engine
         self.reindexer = reindexer
         self.indexer = indexer
+        self.rebuilder = rebuilder
 
     async def Search(self, request: pb.SearchRequest, context: Ctx) -> pb.SearchResponse:
         return await self.engine.search(user_from_parent(request.parent), request)
@@ -39,7 +43,12 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         if request.all_users == bool(request.parent):
             raise InvalidInput("give either parent or all_users")
         users = None if request.all_users else [user_from_parent(request.parent)]
+        done = 0
         async for p in self.reindexer.run(users):
+            if p.users_done > done:  # p.user_id is complete again
+                done = p.users_done
+                if self.rebuilder is not None:
+                    self.rebuilder.reindexed(p.user_id)
             yield pb.ReindexResponse(user_id=p.user_id, documents=p.documents, removed_documents=p.removed,
                                      users_done=p.users_done, done=p.done)
 
@@ -51,8 +60,14 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
             user = None
         backend = self.engine.backend
         pending = await self.indexer.pending() if self.indexer is not None else 0
-        return pb.GetIndexStatusResponse(backend=backend.name, documents=await backend.count(user),
-                                         pending_events=pending)
+        r = pb.GetIndexStatusResponse(backend=backend.name, documents=await backend.count(user),
+                                      pending_events=pending)
+        if self.rebuilder is not None:
+            st = self.rebuilder.status
+            r.rebuilding, r.rebuild_reason = st.rebuilding, st.reason
+            r.rebuild_users_done, r.rebuild_users_total, r.rebuild_documents = (st.users_done, st.users_total,
+                                                                                st.documents)
+        return r
 
 
 def service_name() -> Any:

@@ -5,7 +5,8 @@ writers (the EVENTS indexer and a reindex) safe.
 - A document is replaced only by one reflecting the same or a later MODSEQ, so a redelivered
   or stale event, or a reindex reading an older snapshot, never undoes a newer change.
 - While a user is being reindexed, deletions seen by the indexer are remembered (tombstones),
-  so the reindex cannot bring back a message deleted after it was exported.
+  so the reindex cannot bring back a message deleted after it was exported, nor any message
+  of an account deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from collections.abc import Sequence
 from svc_search.backends.base import Backend, Key
 from svc_search.documents import SearchDocument
 
+# a generation and MODSEQ above every real one: delete_stale(user, EVERYTHING, EVERYTHING)
+# removes every document of the user
+EVERYTHING = (1 << 63) - 1
+
 
 class DocStore:
     def __init__(self, backend: Backend) -> None:
@@ -24,6 +29,7 @@ class DocStore:
         self.lock = asyncio.Lock()
         self._reindexing: Counter[str] = Counter()
         self._tombstones: dict[str, set[str]] = {}
+        self._gone: set[str] = set()  # users being reindexed whose account was deleted meanwhile
 
     # --- reindex bookkeeping
     def begin_reindex(self, user: str) -> None:
@@ -35,14 +41,19 @@ class DocStore:
         if self._reindexing[user] <= 0:
             del self._reindexing[user]
             self._tombstones.pop(user, None)
+            self._gone.discard(user)
 
     def note_deleted(self, keys: Sequence[Key]) -> None:
         for user, mid in keys:
             if user in self._reindexing:
                 self._tombstones[user].add(mid)
 
+    def note_account_deleted(self, user: str) -> None:
+        if user in self._reindexing:
+            self._gone.add(user)
+
     def deleted_during_reindex(self, key: Key) -> bool:
-        return key[1] in self._tombstones.get(key[0], ())
+        return key[0] in self._gone or key[1] in self._tombstones.get(key[0], ())
 
     # --- writes from a snapshot (reindex)
     async def put_snapshot(self, docs: Sequence[SearchDocument]) -> int:

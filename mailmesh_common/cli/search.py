@@ -128,6 +128,9 @@ def search_status(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         return _fail(exc, "search status")
     print(f"backend {r.backend}\tdocuments {r.documents}\tpending events {r.pending_events}")
+    if r.rebuilding:
+        print(f"rebuilding ({r.rebuild_reason}): {r.rebuild_users_done} of {r.rebuild_users_total} users, "
+              f"{r.rebuild_documents} documents; searches answer UNAVAILABLE until it is done")
     return 0
 
 

@@ -85,8 +85,29 @@ class Backend(abc.ABC):
 
     @property
     def created(self) -> bool:
-        """True when `start` found no index and created an empty one."""
+        """True when `start` found no usable index and created an empty one."""
         return False
+
+    @property
+    def rebuild_reason(self) -> str:
+        """Why the documents must be rebuilt from the mailbox store, as found by `start` (the
+        index was missing, unreadable, of another schema, or a rebuild was interrupted); ""
+        when the index is intact."""
+        return ""
+
+    def needs_rebuild(self, user: str) -> bool:
+        """Whether a rebuild for `rebuild_reason` concerns `user` (Meilisearch: only the users
+        of the shards whose index was lost)."""
+        return True
+
+    async def begin_rebuild(self, reason: str) -> None:
+        """Records durably that a rebuild is running, so that `start` reports it again if the
+        process stops before `end_rebuild`."""
+        return None
+
+    async def end_rebuild(self) -> None:
+        """Records that the rebuild finished (every user's documents were written)."""
+        return None
 
     @abc.abstractmethod
     async def get(self, keys: Sequence[Key]) -> dict[Key, SearchDocument]:

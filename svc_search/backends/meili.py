@@ -14,6 +14,8 @@ Exactness (the answer is tantivy's, or an error):
 - pagination settings raise maxTotalHits, searches use page/hitsPerPage (exhaustive counts)
   and a result count at the ceiling is an error, never a truncated answer;
 - newest-first pages continue from a (date, tie) cursor in the filter, never a deep offset;
+- writes are split into requests under MAX_PAYLOAD_BYTES (the server refuses larger ones), and
+  return once every task succeeded (tasks of one index run in the order they were enqueued);
 - relevance order uses `q` only to rank, and checks that `q` kept every filtered document
   (two exhaustive counts); if it did not, the query is refused (FailedPrecondition).
 Every value in a filter is a quoted, escaped string or an integer (compile.meili_string).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 from collections import defaultdict
@@ -57,6 +60,9 @@ MAX_TOTAL_HITS = 100_000_000
 TASK_TIMEOUT_MS = 120_000
 SCAN_PAGE = 200  # candidates fetched per request when hits must be checked in svc_search
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,400}$")
+_USER_OK = re.compile(r"^[A-Za-z0-9_]+$")
+# bytes of JSON per add-documents request: well under Meilisearch's default 100 MB payload limit
+MAX_PAYLOAD_BYTES = 32_000_000
 SEARCHABLE = ["subject", "from_text", "to_text", "cc_text", "bcc_text", "filename_text", "body"]
 FILTERABLE = ["user", "id", "labels", "date", "tie", "size", "unread", "starred", "has_attachment", "modseq",
               "generation", *(term_attr(f) for f in TEXT_FIELDS)]
@@ -71,11 +77,32 @@ RETRIEVE = ["src", "body"]
 
 
 def doc_id(key: Key) -> str:
-    """The Meilisearch primary key of a document (ids are limited to [A-Za-z0-9_-])."""
+    """The Meilisearch primary key of a document (ids are limited to [A-Za-z0-9_-], 511 bytes).
+
+    "<user>-<message>" when the user id has no "-" (so the first "-" ends it and no two keys
+    share an id); otherwise "h" + a SHA-256 of both (no "-", so never equal to the first form)."""
     raw = f"{key[0]}-{key[1]}"
-    if _ID_OK.match(raw):
+    if _USER_OK.match(key[0]) and _ID_OK.match(raw):
         return raw
     return "h" + hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()
+
+
+def _payload_chunks(docs: list[dict[str, Any]], budget: int) -> list[list[dict[str, Any]]]:
+    """`docs` in consecutive chunks whose JSON stays under `budget` bytes (a larger document
+    goes alone), so no request exceeds the server's payload limit."""
+    chunks: list[list[dict[str, Any]]] = []
+    cur: list[dict[str, Any]] = []
+    size = 2
+    for d in docs:
+        n = len(json.dumps(d, ensure_ascii=False).encode()) + 1
+        if cur and size + n > budget:
+            chunks.append(cur)
+            cur, size = [], 2
+        cur.append(d)
+        size += n
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def shard_for(user: str, urls: Sequence[str]) -> int:
@@ -115,9 +142,12 @@ def _filter_ids(keys: Sequence[Key]) -> str:
 class MeiliBackend(Backend):
     name = "meilisearch"
 
-    def __init__(self, urls: Sequence[str], api_key: str = "", timeout_s: int = 30) -> None:
+    def __init__(self, urls: Sequence[str], api_key: str = "", timeout_s: int = 30,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         if not urls:
             raise ValueError("no Meilisearch URL")
+        self.max_payload_bytes = max_payload_bytes
+        self.created_shards: set[int] = set()  # shards whose index `start` had to create
         self.urls = [u.rstrip("/") for u in urls]
         self.clients = [meilisearch.Client(u, api_key or None, timeout=timeout_s) for u in self.urls]
         self.indexes = [c.index(INDEX_UID) for c in self.clients]
@@ -146,29 +176,46 @@ class MeiliBackend(Backend):
 
     # --- lifecycle
     async def start(self) -> None:
+        self.created_shards.clear()
         for i, client in enumerate(self.clients):
             await self._call(client.health)
             try:
                 info = await self._call(client.create_index, INDEX_UID, {"primaryKey": "id"})
                 await self._wait(i, info.task_uid)
+                self.created_shards.add(i)
             except Unavailable as exc:
                 if "index_already_exists" not in exc.message:
                     raise
             info = await self._call(self.indexes[i].update_settings, dict(SETTINGS))
             await self._wait(i, info.task_uid)
 
+    @property
+    def created(self) -> bool:
+        return bool(self.created_shards)
+
+    @property
+    def rebuild_reason(self) -> str:
+        # a shard whose index had to be created lost its users' documents (a new or wiped
+        # server); a rebuild interrupted by a stop is not remembered here (run a reindex)
+        return "index missing" if self.created else ""
+
+    def needs_rebuild(self, user: str) -> bool:
+        return self.shard(user) in self.created_shards
+
     # --- reads
     async def get(self, keys: Sequence[Key]) -> dict[Key, SearchDocument]:
-        by_shard: dict[int, list[Key]] = defaultdict(list)
+        by_user: dict[str, list[Key]] = defaultdict(list)
         for k in keys:
-            by_shard[self.shard(k[0])].append(k)
+            by_user[k[0]].append(k)
         out: dict[Key, SearchDocument] = {}
-        for shard, ks in by_shard.items():
-            res = await self._call(self.indexes[shard].get_documents,
-                                   {"filter": _filter_ids(ks), "limit": len(ks), "fields": RETRIEVE})
+        for user, ks in by_user.items():  # the user filter here too, although ids embed the user
+            res = await self._call(self.indexes[self.shard(user)].get_documents, {
+                "filter": f"user = {meili_string(user)} AND {_filter_ids(ks)}", "limit": len(ks),
+                "fields": RETRIEVE})
             for d in res.results:
                 doc = from_meili_hit(dict(d))
-                out[doc.key] = doc
+                if doc.user == user:
+                    out[doc.key] = doc
         return out
 
     def _base_filter(self, user: str, plan_expr: str, cursor: Cursor | None, newest: bool) -> str:
@@ -310,8 +357,9 @@ class MeiliBackend(Backend):
             info = await self._call(self.indexes[shard].delete_documents, filter=_filter_ids(keys))
             tasks.append((shard, info.task_uid))
         for shard, docs in adds.items():
-            info = await self._call(self.indexes[shard].add_documents, docs, "id")
-            tasks.append((shard, info.task_uid))
+            for chunk in _payload_chunks(docs, self.max_payload_bytes):
+                info = await self._call(self.indexes[shard].add_documents, chunk, "id")
+                tasks.append((shard, info.task_uid))
         for shard, uid in tasks:
             await self._wait(shard, uid)
 

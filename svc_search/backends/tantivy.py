@@ -5,6 +5,13 @@ own thread; `write` deletes and adds documents by their "key" term, commits (fsy
 the searchers before it returns, so an acked event is durable and searchable. Searches run on
 worker threads. Every query is `user:<user> AND <plan> [AND cursor]` built as tantivy Query
 objects (compile.to_tantivy); the query parser is never used.
+
+At start the index is checked: a missing index is created empty; an unreadable one (corrupt or
+missing files) or one of another schema version is moved aside (to search.old, replacing an
+older one) and created empty. Either way `rebuild_reason` says why its documents must be rebuilt
+from the mailbox store (svc_search.rebuild does that in the background); a marker file
+(REBUILD_MARKER) records a running rebuild, so one interrupted by a stop is started again.
+An index locked by another process is not touched: start fails with Unavailable.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,6 +39,8 @@ from svc_search.text import TOKENIZER, analyzer
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "2"
+SCHEMA_MARKER = "mailmesh-schema"
+REBUILD_MARKER = "mailmesh-rebuild"
 WRITER_HEAP_BYTES = 96_000_000
 U64_MAX = (1 << 64) - 1
 # search hits carry the head of their body only: enough for snippets (see snippets.SCAN_CHARS)
@@ -101,6 +111,7 @@ class TantivyBackend(Backend):
         self.path = path
         self.schema = build_schema()
         self._created = False
+        self._reason = ""
         self._index: tantivy.Index | None = None
         self._writer: tantivy.IndexWriter | None = None
         self._wpool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tantivy-writer")
@@ -110,21 +121,73 @@ class TantivyBackend(Backend):
         return self._created
 
     # --- lifecycle
-    def _open(self) -> None:
-        marker = self.path / "mailmesh-schema"
-        if self.path.exists() and (not marker.exists() or marker.read_text().strip() != SCHEMA_VERSION):
-            if any(self.path.iterdir()):
-                aside = self.path.with_name(self.path.name + ".old")
-                shutil.rmtree(aside, ignore_errors=True)
-                self.path.rename(aside)
-                log.warning("search index at %s has another schema: moved to %s; rebuilding", self.path, aside)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._created = not tantivy.Index.exists(str(self.path))
+    def _open_existing(self) -> tuple[tantivy.Index, tantivy.IndexWriter]:
         index = tantivy.Index(self.schema, path=str(self.path), reuse=True)
         index.register_tokenizer(TOKENIZER, analyzer())
-        marker.write_text(SCHEMA_VERSION)
-        self._index = index
-        self._writer = index.writer(WRITER_HEAP_BYTES, 1)
+        searcher = index.searcher()  # opens every segment: missing or damaged files fail here
+        searcher.search(Query.all_query(), 1, count=True)
+        return index, index.writer(WRITER_HEAP_BYTES, 1)
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(self.path.name + ".old")
+        shutil.rmtree(aside, ignore_errors=True)
+        self.path.rename(aside)
+        log.warning("search index at %s %s: moved to %s; it will be rebuilt from the mailbox", self.path, why, aside)
+
+    def _open(self) -> None:
+        marker = self.path / SCHEMA_MARKER
+        reason = ""
+        if self.path.exists() and (self.path / REBUILD_MARKER).exists():
+            was = (self.path / REBUILD_MARKER).read_text(errors="replace").strip()[:200]
+            reason = f"a rebuild was interrupted ({was})" if was else "a rebuild was interrupted"
+        if not self.path.exists() or not tantivy.Index.exists(str(self.path)):
+            reason = reason or "index missing"
+        elif not marker.exists() or (found := marker.read_text().strip()) != SCHEMA_VERSION:
+            reason = f"index schema changed (found {found if marker.exists() else 'none'}, " \
+                     f"want {SCHEMA_VERSION})"
+            self._set_aside("has another schema")
+        else:
+            try:
+                self._index, self._writer = self._open_existing()
+            except ValueError as exc:
+                if "LockBusy" in str(exc) or "lock" in str(exc).lower():
+                    raise Unavailable("the search index is in use by another process") from exc
+                reason = "index unreadable"
+                self._set_aside(f"is unreadable ({str(exc)[:300]})")
+        self._created = self._index is None
+        if self._index is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            index = tantivy.Index(self.schema, path=str(self.path), reuse=False)
+            index.register_tokenizer(TOKENIZER, analyzer())
+            self._index, self._writer = index, index.writer(WRITER_HEAP_BYTES, 1)
+            if reason != "index missing":  # known to need a rebuild even if we stop before it starts
+                self._write_marker(REBUILD_MARKER, reason)
+        self._write_marker(SCHEMA_MARKER, SCHEMA_VERSION)
+        self._reason = reason
+
+    def _write_marker(self, name: str, text: str) -> None:
+        tmp = self.path / (name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+
+    @property
+    def rebuild_reason(self) -> str:
+        return self._reason
+
+    async def begin_rebuild(self, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._wpool, self._write_marker, REBUILD_MARKER, reason)
+
+    def _end_rebuild(self) -> None:
+        (self.path / REBUILD_MARKER).unlink(missing_ok=True)
+        self._reason = ""
+
+    async def end_rebuild(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._wpool, self._end_rebuild)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

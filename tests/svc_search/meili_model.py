@@ -23,6 +23,9 @@ from meilisearch.errors import MeilisearchApiError
 from svc_search.text import tokens
 
 _servers: dict[str, FakeServer] = {}
+# Meilisearch refuses larger requests (413 payload_too_large); its default is 100 MB, the model's is
+# smaller so that the contract suite exercises the driver's splitting of large writes
+PAYLOAD_LIMIT_BYTES = 2_000_000
 
 
 class _Resp:
@@ -63,6 +66,7 @@ class FakeServer:
         self.indexes: dict[str, FakeIndex] = {}
         self.tasks: dict[int, Task] = {}
         self.ids = itertools.count(1)
+        self.filters: list[str] = []  # the filter of every search and document fetch, in order
 
     def task(self, status: str = "succeeded", error: dict[str, Any] | None = None,
              details: dict[str, Any] | None = None) -> Task:
@@ -228,6 +232,10 @@ class FakeIndexHandle:
         return _Filter(str(expr), set(self._index().settings.get("filterableAttributes", [])))
 
     def add_documents(self, docs: list[dict[str, Any]], primary_key: str | None = None) -> Task:
+        import json
+
+        if len(json.dumps(docs).encode()) > PAYLOAD_LIMIT_BYTES:
+            raise _api_error("payload_too_large", "The provided payload reached the size limit.", 413)
         idx = self._index()
         for d in docs:
             idx.docs[str(d[primary_key or idx.primary_key])] = dict(d)
@@ -242,6 +250,7 @@ class FakeIndexHandle:
         return self.server.task(details={"deletedDocuments": len(gone)})
 
     def get_documents(self, parameters: dict[str, Any]) -> Any:
+        self.server.filters.append(str(parameters.get("filter", "")))
         f = self._filter(parameters.get("filter"))
         found = [d for d in self._index().docs.values() if f is None or f.match(d)][: parameters.get("limit", 20)]
         fields = parameters.get("fields")
@@ -259,6 +268,7 @@ class FakeIndexHandle:
         return Stats()
 
     def search(self, q: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.server.filters.append(str(params.get("filter", "")))
         idx = self._index()
         settings = idx.settings
         f = self._filter(params.get("filter"))
@@ -340,3 +350,7 @@ class FakeClient:
 
 def reset() -> None:
     _servers.clear()
+
+
+def server(url: str) -> FakeServer:
+    return _servers[url.rstrip("/")]

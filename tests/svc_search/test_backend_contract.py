@@ -9,6 +9,7 @@ import os
 import random
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path,
 
         meili_model.reset()
         monkeypatch.setattr(meili.meilisearch, "Client", meili_model.FakeClient)
-        b = meili.MeiliBackend(["http://shard-a:7700", "http://shard-b:7700"])
+        b = meili.MeiliBackend(["http://shard-a:7700", "http://shard-b:7700"],
+                               max_payload_bytes=meili_model.PAYLOAD_LIMIT_BYTES // 2)
     else:
         url = os.environ.get("MAILMESH_MEILI_URL", "")
         if not url:
@@ -216,7 +218,6 @@ async def test_write_replace_get_delete_and_stale_cleanup(backend: Backend) -> N
     page = await backend.search(a, plan, Order.NEWEST, 10, None)
     assert [h.doc.message_id for h in page.hits] == [docs[0].message_id]
     # documents of an older generation reflecting no change after modseq 4 are stale
-    from dataclasses import replace
 
     await backend.write([replace(docs[2], generation=10)], [])
     removed = await backend.delete_stale(a, generation=10, max_modseq=4)
@@ -224,3 +225,37 @@ async def test_write_replace_get_delete_and_stale_cleanup(backend: Backend) -> N
     assert removed == 1 and set(left) == {docs[0].key, docs[2].key, docs[4].key}
     await backend.write([], [(a, "never-existed")])  # deleting what is absent is harmless
     assert await backend.count(a) == 3
+
+
+async def test_large_writes_fit_the_server_and_keys_never_collide(backend: Backend) -> None:
+    a, _ = users()
+    rnd = random.Random(11)
+    # ~6 MB of documents in one write (Meilisearch splits it into requests under its payload limit)
+    docs = [replace(d, body=" ".join(rnd.choices(WORDS, k=25_000))) for d in make_docs(a, 24, rnd)]
+    await backend.write(docs, [])
+    assert await backend.count(a) == 24
+    got = await backend.get([d.key for d in docs])
+    assert {k: v.body for k, v in got.items()} == {d.key: d.body for d in docs}
+    # user and message ids with "-" in them: ("x-y", "z") and ("x", "y-z") are different documents
+    tag = secrets.token_hex(3)
+    left = SearchDocument(user=f"x{tag}-y", message_id="z", subject="left")
+    right = SearchDocument(user=f"x{tag}", message_id="y-z", subject="right")
+    await backend.write([left, right], [])
+    got = await backend.get([left.key, right.key])
+    assert got[left.key].subject == "left" and got[right.key].subject == "right"
+    await backend.write([], [left.key])
+    assert set(await backend.get([left.key, right.key])) == {right.key}
+
+
+async def test_more_than_a_thousand_matches_are_all_found_and_counted(backend: Backend) -> None:
+    # Meilisearch stops at 1,000 hits unless pagination.maxTotalHits is raised: nothing may be capped
+    a, _ = users()
+    docs = [SearchDocument(user=a, message_id=f"n{i:05d}", subject="bulk", body=f"alpha beta gamma {i}",
+                           labels=("INBOX",), date=NOW - i, modseq=i + 1) for i in range(1_200)]
+    for start in range(0, len(docs), 400):
+        await backend.write(docs[start:start + 400], [])
+    for query in ("bulk", '"alpha beta"', "bulk -label:nosuchlabel"):
+        plan = resolve(parse(query), Context(now=NOW, labels=LABELS))
+        first = await backend.search(a, plan, Order.NEWEST, 50, None)
+        assert first.remaining == 1_200, query
+        assert await all_ids(backend, a, query, 500) == [d.message_id for d in docs], query

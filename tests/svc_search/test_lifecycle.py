@@ -227,14 +227,33 @@ async def test_undecodable_and_refused_events_do_not_stop_indexing(searchmesh: S
     await s.expect(user, "pill", [bad])
 
 
-async def test_reindex_of_a_deleted_account_removes_its_documents(searchmesh: Search) -> None:
+async def test_deleting_an_account_removes_its_documents_through_events(searchmesh: Search) -> None:
     s = searchmesh
-    user = (await new_users(s, "ivan"))["ivan"]
+    u = await new_users(s, "ivan", "judy")
+    ivan, judy = u["ivan"], u["judy"]
     for i in range(3):
-        await s.add(user, f"Note {i}", "text")
-    await s.settle(user)
-    assert len(await s.ids(user, "note")) == 3
-    await s.mesh.stub.DeleteAccount(mpb.DeleteAccountRequest(name=f"users/{user}"), metadata=s.md())
-    progress = [r async for r in s.stub.Reindex(pb.ReindexRequest(parent=f"users/{user}"), metadata=s.md())]
-    assert progress[-1].done and progress[-1].removed_documents == 3
-    assert await s.ids(user, "in:anywhere") == []
+        await s.add(ivan, f"Note {i}", "shared words")
+        await s.add(judy, f"Note {i}", "shared words")
+    await s.settle(ivan, judy)
+    assert len(await s.ids(ivan, "note")) == 3
+    await s.mesh.stub.DeleteAccount(mpb.DeleteAccountRequest(name=f"users/{ivan}"), metadata=s.md())
+
+    async def ivans_documents() -> int:
+        status = await s.stub.GetIndexStatus(pb.GetIndexStatusRequest(parent=f"users/{ivan}"), metadata=s.md())
+        return status.documents
+
+    for _ in range(600):  # the account-deleted event travels mailbox → relay → EVENTS → indexer
+        if await ivans_documents() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await ivans_documents() == 0
+    assert await s.ids(ivan, "in:anywhere") == []
+    assert len(await s.ids(judy, "note")) == 3  # the other user keeps everything
+    # a reindex of a user who no longer exists removes whatever is left of them
+    backend: Backend = s.ctx.components["backend"]
+    from svc_search.documents import SearchDocument
+
+    await backend.write([SearchDocument(user=ivan, message_id="leftover", subject="note", modseq=1)], [])
+    progress = [r async for r in s.stub.Reindex(pb.ReindexRequest(parent=f"users/{ivan}"), metadata=s.md())]
+    assert progress[-1].done and progress[-1].removed_documents == 1
+    assert await ivans_documents() == 0

@@ -26,21 +26,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mailmesh.v1 import types_pb2 as mailmesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mailmesh/v1/events.proto\x12\x0bmailmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17mailmesh/v1/types.proto\"=\n\x0bSpamVerdict\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x0f\n\x07is_spam\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\xdb\x02\n\x0eInboundMessage\x12\x11\n\tingest_id\x18\x01 \x01(\t\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x03 \x03(\t\x12\x10\n\x08\x62lob_ref\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x31\n\rreceived_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06source\x18\x07 \x01(\x0e\x32\x1a.mailmesh.v1.MessageSource\x12\x1e\n\x16\x61uthentication_results\x18\x08 \x01(\t\x12&\n\x04spam\x18\t \x01(\x0b\x32\x18.mailmesh.v1.SpamVerdict\x12\x11\n\tremote_ip\x18\n \x01(\t\x12\x0c\n\x04helo\x18\x0b \x01(\t\x12\x16\n\x0esender_user_id\x18\x0c \x01(\t\x12\x12\n\nquarantine\x18\r \x01(\x08\"3\n\x0cMailboxEvent\x12#\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x13.mailmesh.v1.Change\"\xa7\x02\n\x10OutboundDelivery\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x10\n\x08\x62lob_ref\x18\x04 \x01(\t\x12\x11\n\tmail_from\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x07 \x03(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\nrecipients\x18\n \x03(\x0b\x32\x1c.mailmesh.v1.RecipientStatus*\x84\x01\n\rMessageSource\x12\x1e\n\x1aMESSAGE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13MESSAGE_SOURCE_SMTP\x10\x01\x12\x1d\n\x19MESSAGE_SOURCE_SUBMISSION\x10\x02\x12\x1b\n\x17MESSAGE_SOURCE_INTERNAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mailmesh/v1/events.proto\x12\x0bmailmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17mailmesh/v1/types.proto\"=\n\x0bSpamVerdict\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x0f\n\x07is_spam\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\"\x87\x03\n\x0eInboundMessage\x12\x11\n\tingest_id\x18\x01 \x01(\t\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x03 \x03(\t\x12\x10\n\x08\x62lob_ref\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x31\n\rreceived_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06source\x18\x07 \x01(\x0e\x32\x1a.mailmesh.v1.MessageSource\x12\x1e\n\x16\x61uthentication_results\x18\x08 \x01(\t\x12&\n\x04spam\x18\t \x01(\x0b\x32\x18.mailmesh.v1.SpamVerdict\x12\x11\n\tremote_ip\x18\n \x01(\t\x12\x0c\n\x04helo\x18\x0b \x01(\t\x12\x16\n\x0esender_user_id\x18\x0c \x01(\t\x12\x12\n\nquarantine\x18\r \x01(\x08\x12*\n\x06parsed\x18\x0e \x01(\x0b\x32\x1a.mailmesh.v1.ParsedSummary\"i\n\x0cMailboxEvent\x12#\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x13.mailmesh.v1.Change\x12\x34\n\x0f\x61\x63\x63ount_deleted\x18\x02 \x01(\x0b\x32\x1b.mailmesh.v1.AccountDeleted\"u\n\x0e\x41\x63\x63ountDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0blast_modseq\x18\x02 \x01(\x04\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"\xa7\x02\n\x10OutboundDelivery\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0esender_user_id\x18\x02 \x01(\t\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x10\n\x08\x62lob_ref\x18\x04 \x01(\t\x12\x11\n\tmail_from\x18\x05 \x01(\t\x12\x0e\n\x06\x64omain\x18\x06 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x07 \x03(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\nrecipients\x18\n \x03(\x0b\x32\x1c.mailmesh.v1.RecipientStatus\"\xa2\x03\n\rParsedSummary\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\"\n\x04\x66rom\x18\x02 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12$\n\x06sender\x18\x03 \x01(\x0b\x32\x14.mailmesh.v1.Address\x12&\n\x08reply_to\x18\x04 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12 \n\x02to\x18\x05 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12 \n\x02\x63\x63\x18\x06 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12!\n\x03\x62\x63\x63\x18\x07 \x03(\x0b\x32\x14.mailmesh.v1.Address\x12(\n\x04\x64\x61te\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\t \x01(\t\x12\x13\n\x0bin_reply_to\x18\n \x03(\t\x12\x12\n\nreferences\x18\x0b \x03(\t\x12\x0f\n\x07snippet\x18\x0c \x01(\t\x12\x17\n\x0fhas_attachments\x18\r \x01(\x08\x12\x16\n\x0eparse_warnings\x18\x0e \x03(\t*\x84\x01\n\rMessageSource\x12\x1e\n\x1aMESSAGE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13MESSAGE_SOURCE_SMTP\x10\x01\x12\x1d\n\x19MESSAGE_SOURCE_SUBMISSION\x10\x02\x12\x1b\n\x17MESSAGE_SOURCE_INTERNAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailmesh.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGESOURCE']._serialized_start=864
-  _globals['_MESSAGESOURCE']._serialized_end=996
+  _globals['_MESSAGESOURCE']._serialized_start=1502
+  _globals['_MESSAGESOURCE']._serialized_end=1634
   _globals['_SPAMVERDICT']._serialized_start=99
   _globals['_SPAMVERDICT']._serialized_end=160
   _globals['_INBOUNDMESSAGE']._serialized_start=163
-  _globals['_INBOUNDMESSAGE']._serialized_end=510
-  _globals['_MAILBOXEVENT']._serialized_start=512
-  _globals['_MAILBOXEVENT']._serialized_end=563
-  _globals['_OUTBOUNDDELIVERY']._serialized_start=566
-  _globals['_OUTBOUNDDELIVERY']._serialized_end=861
+  _globals['_INBOUNDMESSAGE']._serialized_end=554
+  _globals['_MAILBOXEVENT']._serialized_start=556
+  _globals['_MAILBOXEVENT']._serialized_end=661
+  _globals['_ACCOUNTDELETED']._serialized_start=663
+  _globals['_ACCOUNTDELETED']._serialized_end=780
+  _globals['_OUTBOUNDDELIVERY']._serialized_start=783
+  _globals['_OUTBOUNDDELIVERY']._serialized_end=1078
+  _globals['_PARSEDSUMMARY']._serialized_start=1081
+  _globals['_PARSEDSUMMARY']._serialized_end=1499
 # @@protoc_insertion_point(module_scope)

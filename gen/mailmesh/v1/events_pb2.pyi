@@ -100,6 +100,7 @@ class InboundMessage(_message.Message):
     HELO_FIELD_NUMBER: _builtins.int
     SENDER_USER_ID_FIELD_NUMBER: _builtins.int
     QUARANTINE_FIELD_NUMBER: _builtins.int
+    PARSED_FIELD_NUMBER: _builtins.int
     ingest_id: _builtins.str
     """Unique id assigned at ingest; the delivery dedup key."""
     mail_from: _builtins.str
@@ -132,6 +133,12 @@ class InboundMessage(_message.Message):
     def spam(self) -> Global___SpamVerdict:
         """Spam verdict; absent for trusted sources."""
 
+    @_builtins.property
+    def parsed(self) -> Global___ParsedSummary:
+        """What ingest parsed out of the message, so delivery need not parse the blob again; absent
+        when the producer did not parse it (delivery then parses the blob).
+        """
+
     def __init__(
         self,
         *,
@@ -148,10 +155,11 @@ class InboundMessage(_message.Message):
         helo: _builtins.str = ...,
         sender_user_id: _builtins.str = ...,
         quarantine: _builtins.bool = ...,
+        parsed: Global___ParsedSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["received_time", b"received_time", "spam", b"spam"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parsed", b"parsed", "received_time", b"received_time", "spam", b"spam"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication_results", b"authentication_results", "blob_ref", b"blob_ref", "helo", b"helo", "ingest_id", b"ingest_id", "mail_from", b"mail_from", "quarantine", b"quarantine", "rcpt_to", b"rcpt_to", "received_time", b"received_time", "remote_ip", b"remote_ip", "sender_user_id", b"sender_user_id", "size", b"size", "source", b"source", "spam", b"spam"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authentication_results", b"authentication_results", "blob_ref", b"blob_ref", "helo", b"helo", "ingest_id", b"ingest_id", "mail_from", b"mail_from", "parsed", b"parsed", "quarantine", b"quarantine", "rcpt_to", b"rcpt_to", "received_time", b"received_time", "remote_ip", b"remote_ip", "sender_user_id", b"sender_user_id", "size", b"size", "source", b"source", "spam", b"spam"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,28 +168,73 @@ Global___InboundMessage: _TypeAlias = InboundMessage  # noqa: Y015
 @_typing.final
 class MailboxEvent(_message.Message):
     """MailboxEvent is the JetStream EVENTS payload on subject "mailbox.events.<user_id>": one
-    committed changelog entry. Nats-Msg-Id is "<user_id>:<modseq>".
+    committed changelog entry (Nats-Msg-Id "<user_id>:<modseq>"), or the deletion of an account
+    (account_deleted set, change empty; Nats-Msg-Id "<user_id>:deleted").
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CHANGE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_DELETED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def change(self) -> _types_pb2.Change:
-        """The change."""
+        """The change; empty when account_deleted is set."""
+
+    @_builtins.property
+    def account_deleted(self) -> Global___AccountDeleted:
+        """Set when the account was deleted: every message and label of the user is gone, and no
+        further change of this user follows. Consumers drop everything they keep for the user.
+        """
 
     def __init__(
         self,
         *,
         change: _types_pb2.Change | None = ...,
+        account_deleted: Global___AccountDeleted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_deleted", b"account_deleted", "change", b"change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_deleted", b"account_deleted", "change", b"change"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MailboxEvent: _TypeAlias = MailboxEvent  # noqa: Y015
+
+@_typing.final
+class AccountDeleted(_message.Message):
+    """AccountDeleted says that an account and all of its mail were deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LAST_MODSEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The deleted user."""
+    last_modseq: _builtins.int
+    """The user's highest MODSEQ when the deletion started: changes up to it were the last ones."""
+    traceparent: _builtins.str
+    """W3C traceparent of the operation that deleted the account, so consumers join its trace."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the deletion finished."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        last_modseq: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_modseq", b"last_modseq", "time", b"time", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountDeleted: _TypeAlias = AccountDeleted  # noqa: Y015
 
 @_typing.final
 class OutboundDelivery(_message.Message):
@@ -250,3 +303,95 @@ class OutboundDelivery(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OutboundDelivery: _TypeAlias = OutboundDelivery  # noqa: Y015
+
+@_typing.final
+class ParsedSummary(_message.Message):
+    """ParsedSummary is what a mailbox's message record needs from a parsed message (see
+    mailmesh_common.mime.ParsedMessage): header fields, the snippet and parse warnings, bounded
+    like the record (subject 2,000 characters, 200 addresses per field, 100 ids per list).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    CC_FIELD_NUMBER: _builtins.int
+    BCC_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    IN_REPLY_TO_FIELD_NUMBER: _builtins.int
+    REFERENCES_FIELD_NUMBER: _builtins.int
+    SNIPPET_FIELD_NUMBER: _builtins.int
+    HAS_ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    PARSE_WARNINGS_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """Decoded Subject."""
+    message_id: _builtins.str
+    """Message-ID without angle brackets."""
+    snippet: _builtins.str
+    """Start of the text body (or of the HTML's text), at most 200 characters."""
+    has_attachments: _builtins.bool
+    """True when a part is an attachment (disposition, file name or message/rfc822)."""
+    @_builtins.property
+    def sender(self) -> _types_pb2.Address:
+        """Sender address, when the header is present."""
+
+    @_builtins.property
+    def reply_to(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Reply-To addresses."""
+
+    @_builtins.property
+    def to(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """To addresses."""
+
+    @_builtins.property
+    def cc(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Cc addresses."""
+
+    @_builtins.property
+    def bcc(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Address]:
+        """Bcc addresses."""
+
+    @_builtins.property
+    def date(self) -> _timestamp_pb2.Timestamp:
+        """Date header in UTC; absent when missing or invalid."""
+
+    @_builtins.property
+    def in_reply_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In-Reply-To ids without angle brackets."""
+
+    @_builtins.property
+    def references(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """References ids without angle brackets, oldest first."""
+
+    @_builtins.property
+    def parse_warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Problems the parser met, at most 20."""
+
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        sender: _types_pb2.Address | None = ...,
+        reply_to: _abc.Iterable[_types_pb2.Address] | None = ...,
+        to: _abc.Iterable[_types_pb2.Address] | None = ...,
+        cc: _abc.Iterable[_types_pb2.Address] | None = ...,
+        bcc: _abc.Iterable[_types_pb2.Address] | None = ...,
+        date: _timestamp_pb2.Timestamp | None = ...,
+        message_id: _builtins.str = ...,
+        in_reply_to: _abc.Iterable[_builtins.str] | None = ...,
+        references: _abc.Iterable[_builtins.str] | None = ...,
+        snippet: _builtins.str = ...,
+        has_attachments: _builtins.bool = ...,
+        parse_warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "sender", b"sender"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bcc", b"bcc", "cc", b"cc", "date", b"date", "from", b"from", "has_attachments", b"has_attachments", "in_reply_to", b"in_reply_to", "message_id", b"message_id", "parse_warnings", b"parse_warnings", "references", b"references", "reply_to", b"reply_to", "sender", b"sender", "snippet", b"snippet", "subject", b"subject", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParsedSummary: _TypeAlias = ParsedSummary  # noqa: Y015

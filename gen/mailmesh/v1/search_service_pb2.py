@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mailmesh/v1/search_service.proto\x12\x0bmailmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\rSearchRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x05order\x18\x05 \x01(\x0e\x32\x18.mailmesh.v1.SearchOrder\"\'\n\tTextRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\xb4\x01\n\x0cSearchResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12*\n\nhighlights\x18\x04 \x03(\x0b\x32\x16.mailmesh.v1.TextRange\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x31\n\rinternal_date\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.mailmesh.v1.SearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x1c\n\x14result_size_estimate\x18\x03 \x01(\x03\"3\n\x0eReindexRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tall_users\x18\x02 \x01(\x08\"r\n\x0fReindexResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x03\x12\x19\n\x11removed_documents\x18\x03 \x01(\x03\x12\x12\n\nusers_done\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\'\n\x15GetIndexStatusRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"T\n\x16GetIndexStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x03\x12\x16\n\x0epending_events\x18\x03 \x01(\x03*f\n\x0bSearchOrder\x12\x1c\n\x18SEARCH_ORDER_UNSPECIFIED\x10\x00\x12\x1d\n\x19SEARCH_ORDER_NEWEST_FIRST\x10\x01\x12\x1a\n\x16SEARCH_ORDER_RELEVANCE\x10\x02\x32\xf5\x01\n\rSearchService\x12\x41\n\x06Search\x12\x1a.mailmesh.v1.SearchRequest\x1a\x1b.mailmesh.v1.SearchResponse\x12\x46\n\x07Reindex\x12\x1b.mailmesh.v1.ReindexRequest\x1a\x1c.mailmesh.v1.ReindexResponse0\x01\x12Y\n\x0eGetIndexStatus\x12\".mailmesh.v1.GetIndexStatusRequest\x1a#.mailmesh.v1.GetIndexStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n mailmesh/v1/search_service.proto\x12\x0bmailmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\rSearchRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\'\n\x05order\x18\x05 \x01(\x0e\x32\x18.mailmesh.v1.SearchOrder\"\'\n\tTextRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\xb4\x01\n\x0cSearchResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tthread_id\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\x12*\n\nhighlights\x18\x04 \x03(\x0b\x32\x16.mailmesh.v1.TextRange\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x31\n\rinternal_date\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.mailmesh.v1.SearchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x1c\n\x14result_size_estimate\x18\x03 \x01(\x03\"3\n\x0eReindexRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tall_users\x18\x02 \x01(\x08\"r\n\x0fReindexResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x03\x12\x19\n\x11removed_documents\x18\x03 \x01(\x03\x12\x12\n\nusers_done\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\'\n\x15GetIndexStatusRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"\xd4\x01\n\x16GetIndexStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x03\x12\x16\n\x0epending_events\x18\x03 \x01(\x03\x12\x12\n\nrebuilding\x18\x04 \x01(\x08\x12\x16\n\x0erebuild_reason\x18\x05 \x01(\t\x12\x1a\n\x12rebuild_users_done\x18\x06 \x01(\x03\x12\x1b\n\x13rebuild_users_total\x18\x07 \x01(\x03\x12\x19\n\x11rebuild_documents\x18\x08 \x01(\x03*f\n\x0bSearchOrder\x12\x1c\n\x18SEARCH_ORDER_UNSPECIFIED\x10\x00\x12\x1d\n\x19SEARCH_ORDER_NEWEST_FIRST\x10\x01\x12\x1a\n\x16SEARCH_ORDER_RELEVANCE\x10\x02\x32\xf5\x01\n\rSearchService\x12\x41\n\x06Search\x12\x1a.mailmesh.v1.SearchRequest\x1a\x1b.mailmesh.v1.SearchResponse\x12\x46\n\x07Reindex\x12\x1b.mailmesh.v1.ReindexRequest\x1a\x1c.mailmesh.v1.ReindexResponse0\x01\x12Y\n\x0eGetIndexStatus\x12\".mailmesh.v1.GetIndexStatusRequest\x1a#.mailmesh.v1.GetIndexStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailmesh.v1.search_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHORDER']._serialized_start=847
-  _globals['_SEARCHORDER']._serialized_end=949
+  _globals['_SEARCHORDER']._serialized_start=976
+  _globals['_SEARCHORDER']._serialized_end=1078
   _globals['_SEARCHREQUEST']._serialized_start=82
   _globals['_SEARCHREQUEST']._serialized_end=208
   _globals['_TEXTRANGE']._serialized_start=210
@@ -48,8 +48,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REINDEXRESPONSE']._serialized_end=718
   _globals['_GETINDEXSTATUSREQUEST']._serialized_start=720
   _globals['_GETINDEXSTATUSREQUEST']._serialized_end=759
-  _globals['_GETINDEXSTATUSRESPONSE']._serialized_start=761
-  _globals['_GETINDEXSTATUSRESPONSE']._serialized_end=845
-  _globals['_SEARCHSERVICE']._serialized_start=952
-  _globals['_SEARCHSERVICE']._serialized_end=1197
+  _globals['_GETINDEXSTATUSRESPONSE']._serialized_start=762
+  _globals['_GETINDEXSTATUSRESPONSE']._serialized_end=974
+  _globals['_SEARCHSERVICE']._serialized_start=1081
+  _globals['_SEARCHSERVICE']._serialized_end=1326
 # @@protoc_insertion_point(module_scope)

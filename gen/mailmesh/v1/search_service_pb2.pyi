@@ -288,22 +288,44 @@ class GetIndexStatusResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     PENDING_EVENTS_FIELD_NUMBER: _builtins.int
+    REBUILDING_FIELD_NUMBER: _builtins.int
+    REBUILD_REASON_FIELD_NUMBER: _builtins.int
+    REBUILD_USERS_DONE_FIELD_NUMBER: _builtins.int
+    REBUILD_USERS_TOTAL_FIELD_NUMBER: _builtins.int
+    REBUILD_DOCUMENTS_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """Search backend in use: "tantivy" or "meilisearch"."""
     documents: _builtins.int
     """Documents of the user (or of every user) in the index."""
     pending_events: _builtins.int
     """Mailbox events published but not yet indexed (every user): the indexing backlog."""
+    rebuilding: _builtins.bool
+    """True while the index is rebuilt from the mailbox store (it was missing, unreadable or of
+    another schema at start); searches answer UNAVAILABLE until the rebuild is done.
+    """
+    rebuild_reason: _builtins.str
+    """Why the running or last rebuild started; empty when there was none since start."""
+    rebuild_users_done: _builtins.int
+    """Users rebuilt so far by the running or last rebuild."""
+    rebuild_users_total: _builtins.int
+    """Users the running or last rebuild has to rebuild."""
+    rebuild_documents: _builtins.int
+    """Documents written so far by the running or last rebuild."""
     def __init__(
         self,
         *,
         backend: _builtins.str = ...,
         documents: _builtins.int = ...,
         pending_events: _builtins.int = ...,
+        rebuilding: _builtins.bool = ...,
+        rebuild_reason: _builtins.str = ...,
+        rebuild_users_done: _builtins.int = ...,
+        rebuild_users_total: _builtins.int = ...,
+        rebuild_documents: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "documents", b"documents", "pending_events", b"pending_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "documents", b"documents", "pending_events", b"pending_events", "rebuild_documents", b"rebuild_documents", "rebuild_reason", b"rebuild_reason", "rebuild_users_done", b"rebuild_users_done", "rebuild_users_total", b"rebuild_users_total", "rebuilding", b"rebuilding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

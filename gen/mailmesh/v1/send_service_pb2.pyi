@@ -751,6 +751,8 @@ class StoredSend(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     BLOB_REF_FIELD_NUMBER: _builtins.int
+    UNKNOWN_RECIPIENTS_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
     sender_user_id: _builtins.str
     """The sending user."""
     message_id: _builtins.str
@@ -765,6 +767,8 @@ class StoredSend(_message.Message):
     """Size of the signed delivery copy in bytes."""
     blob_ref: _builtins.str
     """Content address of the signed delivery copy in the blob store."""
+    mail_from: _builtins.str
+    """The sender's address (MAIL FROM of the deliveries; the DSN for unknown recipients goes to it)."""
     @_builtins.property
     def send(self) -> Global___ScheduledSend:
         """The send as ListScheduled shows it."""
@@ -781,6 +785,12 @@ class StoredSend(_message.Message):
     def local_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Local recipients (as written), marked delivered once INBOUND has the message."""
 
+    @_builtins.property
+    def unknown_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Recipients in a local domain without such a mailbox: at release they are marked bounced
+        on the SENT message and the sender gets a DSN (RFC 3464) naming them.
+        """
+
     def __init__(
         self,
         *,
@@ -795,11 +805,55 @@ class StoredSend(_message.Message):
         idempotency_key: _builtins.str = ...,
         size: _builtins.int = ...,
         blob_ref: _builtins.str = ...,
+        unknown_recipients: _abc.Iterable[_builtins.str] | None = ...,
+        mail_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inbound", b"inbound", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "idempotency_key", b"idempotency_key", "inbound", b"inbound", "local_recipients", b"local_recipients", "message_id", b"message_id", "open_jobs", b"open_jobs", "outbound", b"outbound", "send", b"send", "sender_user_id", b"sender_user_id", "size", b"size", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "idempotency_key", b"idempotency_key", "inbound", b"inbound", "local_recipients", b"local_recipients", "mail_from", b"mail_from", "message_id", b"message_id", "open_jobs", b"open_jobs", "outbound", b"outbound", "send", b"send", "sender_user_id", b"sender_user_id", "size", b"size", "traceparent", b"traceparent", "unknown_recipients", b"unknown_recipients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StoredSend: _TypeAlias = StoredSend  # noqa: Y015
+
+@_typing.final
+class StoredDkimKey(_message.Message):
+    """StoredDkimKey is a DKIM private key as svc_send keeps it in its store (the KV, so that every
+    replica signs with it); no RPC carries it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    PRIVATE_PEM_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The signing domain (d=), lower case A-label."""
+    selector: _builtins.str
+    """The selector (s=); the public key is published at <selector>._domainkey.<domain>."""
+    algorithm: _builtins.str
+    """"rsa" (2048-bit, rsa-sha256) or "ed25519" (RFC 8463)."""
+    private_pem: _builtins.bytes
+    """The private key, PKCS#8 PEM."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was created or imported; a domain signs with its newest key of each algorithm."""
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        selector: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        private_pem: _builtins.bytes = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "create_time", b"create_time", "domain", b"domain", "private_pem", b"private_pem", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredDkimKey: _TypeAlias = StoredDkimKey  # noqa: Y015
