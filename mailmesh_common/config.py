@@ -73,6 +73,7 @@ class Settings:
     trace_file: str = ""
     # svc_ingest
     smtp_hostname: str = ""  # name in the greeting, EHLO and Received; default: this host's name
+    ingest_workers: int = 1  # svc_ingest processes `mailmesh up` runs, sharing the SMTP and gRPC ports (SO_REUSEPORT)
     tls_cert_file: str = ""  # PEM certificate (chain) for STARTTLS; default: self-signed, generated
     tls_key_file: str = ""  # PEM private key for tls_cert_file
     max_recipients: int = 100  # RCPT TO per message; more get 452 4.5.3
@@ -102,6 +103,7 @@ class Settings:
     submission_tls_key_file: str = ""  # PEM private key for submission_tls_cert_file
     submission_auth_require_tls: bool = True  # AUTH only after STARTTLS...
     submission_auth_loopback_plaintext: bool = True  # ...except from loopback addresses (dev)
+    submissions_port: int = 0  # submission over implicit TLS (RFC 8314; production 465); 0 = off
     # svc_gateway
     gateway_token_ttl_s: float = 86_400.0  # lifetime of a REST bearer token
     gateway_requests_per_minute: int = 1000  # REST requests per user per minute; 0 = unlimited

@@ -115,13 +115,41 @@ def thread_headers(parent: types_pb2.Message) -> tuple[str, str]:
     return f"<{parent.message_id_header}>", " ".join(f"<{r}>" for r in chain)
 
 
-def _guess_type(filename: str, given: str) -> tuple[str, str]:
+# the leading bytes of common formats, for files whose name says nothing (no or an unknown extension)
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "application/pdf"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"), (b"PK\x03\x04", "application/zip"),
+    (b"\x1f\x8b", "application/gzip"), (b"%!PS", "application/postscript"), (b"BEGIN:VCALENDAR", "text/calendar"),
+    (b"BEGIN:VCARD", "text/vcard"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "application/x-ole-storage"),
+)
+
+
+def sniff_type(data: bytes) -> str:
+    """The MIME type the first bytes of a file show (RIFF/WEBP and text included), else ""."""
+    for magic, mime_type in _MAGIC:
+        if data.startswith(magic):
+            return mime_type
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    head = data[:4096]
+    if head and b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 3:  # not just a character cut at the 4096th byte
+                return ""
+        return "text/plain"
+    return ""
+
+
+def _guess_type(filename: str, given: str, data: bytes = b"") -> tuple[str, str]:
     mime_type = given.strip().lower()
     if mime_type:
         if not _MIME_TYPE.match(mime_type):
             raise InvalidInput(f"attachment {filename!r}: mime_type {given!r} is not type/subtype")
     else:
-        mime_type = mimetypes.guess_type(filename, strict=False)[0] or "application/octet-stream"
+        mime_type = (mimetypes.guess_type(filename, strict=False)[0] or sniff_type(data)
+                     or "application/octet-stream")
     maintype, _, subtype = mime_type.partition("/")
     return maintype, subtype
 
@@ -174,7 +202,7 @@ def compose(draft: Draft, *, message_id: str, date: datetime) -> Composed:
         msg.add_alternative(html, subtype="html")
     for att in draft.attachments:
         filename = _clean_filename(att.filename)
-        maintype, subtype = _guess_type(filename, att.mime_type)
+        maintype, subtype = _guess_type(filename, att.mime_type, att.data)
         disposition = "inline" if att.inline else "attachment"
         headers: list[str] = []
         if att.content_id:
@@ -197,10 +225,9 @@ def compose(draft: Draft, *, message_id: str, date: datetime) -> Composed:
             del part["MIME-Version"]  # EmailMessage puts it on every part; RFC 2045 4: top level only
     if draft.bcc:
         msg["Bcc"] = [_header_address(a) for a in draft.bcc]
-    sent_raw = msg.as_bytes()  # fixes the MIME boundaries for the second serialization
-    if draft.bcc:
-        del msg["Bcc"]
-    delivery_raw = msg.as_bytes()
+    sent_raw = msg.as_bytes()
+    # one serialization: the delivery copy is the same bytes without the Bcc field
+    delivery_raw = remove_headers(sent_raw, ["Bcc"]) if draft.bcc else sent_raw
     return Composed(sent_raw, delivery_raw, message_id, subject)
 
 

@@ -38,9 +38,9 @@ from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.dns import Resolver
 from mailmesh_common.errors import FailedPrecondition, MailmeshError, NotFound, Unavailable
+from mailmesh_common.mailboxclient import MailboxClient
 from svc_send import mx
 from svc_send.dsn import build_dsn
-from svc_send.mailbox import MailboxClient
 from svc_send.queue import ACTIVE_STATES, GEN_HEADER, PENDING, QueueStore, RcptResult, dsn_key
 from svc_send.smtp_client import (
     NeedsSmtpUtf8,
@@ -57,6 +57,7 @@ DURABLE = "svc-send-delivery"
 MAX_RCPTS_PER_TRANSACTION = 100  # RFC 5321 4.5.3.1.8: servers must take at least 100
 IDLE_CONNECTION_S = 5.0
 MAX_TRANSACTIONS_PER_CONNECTION = 100
+FRESH_S = 1.0  # a pooled connection idle for less than this is reused without an RSET check
 DESTINATION_WAIT_S = 10.0
 MAX_ACK_PENDING = 1_000_000  # deferred messages wait as pending acks
 
@@ -69,9 +70,16 @@ class ConnectionPool:
         self._idle: dict[tuple[str, int], list[tuple[SmtpClient, float]]] = {}
 
     async def take(self, key: tuple[str, int]) -> SmtpClient | None:
+        """An idle connection to key. One idle for less than FRESH_S is handed out as it is (a
+        finished transaction leaves the server ready for the next MAIL, RFC 5321 3.3: no RSET
+        round trip on a busy route); an older one is checked with RSET first. The caller
+        retries on a fresh connection when a reused one turns out to be closed."""
         while self._idle.get(key):
             client, since = self._idle[key].pop()
-            if time.monotonic() - since < self.idle_s and await client.reset():
+            idle = time.monotonic() - since
+            if idle < FRESH_S and not client.broken:
+                return client
+            if idle < self.idle_s and await client.reset():
                 return client
             await client.quit()
         return None
@@ -246,8 +254,11 @@ class Delivery:
             if recorded is None:
                 with contextlib.suppress(MailmeshError):
                     await self.queue.release(job.job_id, self.owner)
+        # a finished job without bounces is not marked synced (one commit less): only a
+        # redelivery of its message (after a crash before the ack) would sync it again, harmlessly
+        clean = recorded.finished and not recorded.entry.bounce_pending
         try:
-            await self.sync(recorded.entry)
+            await self.sync(recorded.entry, mark=not clean)
         except MailmeshError as exc:  # recorded: the next delivery of the message syncs
             log.warning("job %s: recording the states failed: %s", job.job_id, exc.message)
             await msg.nak(delay=2.0)
@@ -344,19 +355,29 @@ class Delivery:
             for ip in host.addresses:
                 key = (ip, port)
                 client = await self.pool.take(key)
-                if client is None:
+                reused = client is not None
+                while True:
+                    if client is None:
+                        try:
+                            client = await SmtpClient.connect(
+                                host.name, ip, port, self.hostname,
+                                connect_timeout_s=self.settings.outbound_connect_timeout_s,
+                                command_timeout_s=self.settings.outbound_command_timeout_s, tls=self.tls)
+                        except SmtpConnectionLost as exc:
+                            last = f"451 4.4.1 {exc}"
+                            break
                     try:
-                        client = await SmtpClient.connect(
-                            host.name, ip, port, self.hostname, connect_timeout_s=self.settings.outbound_connect_timeout_s,
-                            command_timeout_s=self.settings.outbound_command_timeout_s, tls=self.tls)
-                    except SmtpConnectionLost as exc:
-                        last = f"451 4.4.1 {exc}"
+                        results = await self._transactions(client, entry, pending, data)
+                    except BaseException:  # cancelled (stopping): the connection goes with the attempt
+                        client.close()
+                        raise
+                    if results is None and reused:  # the server had closed the pooled connection: anew
+                        client.close()
+                        client, reused = None, False
                         continue
-                try:
-                    results = await self._transactions(client, entry, pending, data)
-                except BaseException:  # cancelled (stopping): the connection goes with the attempt
-                    client.close()
-                    raise
+                    break
+                if client is None:
+                    continue
                 if results is None:  # lost before any transaction began: try the next address
                     last = f"451 4.4.2 connection to {client.peer} was lost"
                     client.close()
@@ -378,7 +399,7 @@ class Delivery:
                                                      "internationalized addresses (SMTPUTF8)") for r in chunk]
                 continue
             except SmtpConnectionLost as exc:
-                if not results:
+                if not results and not client.data_sent:  # nothing went out: another connection may try
                     return None
                 results += [RcptResult(r, "deferred", f"451 4.4.2 {exc}") for r in pending[start:]]
                 client.close()
@@ -390,9 +411,9 @@ class Delivery:
         return await self.blobs.get(entry.blob_ref)
 
     # --- recording on the SENT message, and bounces -------------------------------------------------
-    async def sync(self, entry: spb.QueueEntry) -> None:
+    async def sync(self, entry: spb.QueueEntry, *, mark: bool = True) -> None:
         """Writes the recipients' states to the SENT message and the DSN of new bounces (both
-        idempotent), then marks the entry synced."""
+        idempotent), then (with mark) marks the entry synced."""
         user, _, msg_id = entry.message.partition("/messages/")
         user = user.removeprefix("users/")
         try:
@@ -409,7 +430,8 @@ class Delivery:
             except NotFound:
                 pass
             log.info("bounce", extra={"job_id": entry.id, "recipients": len(failed), "user_id": entry.sender_user_id})
-        await self.queue.mark_synced(entry.id, entry, notified)
+        if mark or notified:
+            await self.queue.mark_synced(entry.id, entry, notified)
 
     async def _original_head(self, entry: spb.QueueEntry) -> bytes:
         try:

@@ -1,7 +1,11 @@
-"""DKIM private keys: one PEM file per selector under `{data_dir}/dkim/<domain>/<selector>.key`
-(mode 0600), made by `mailmesh dkim keygen`. RSA keys are 2048-bit (RFC 8301 3.2), Ed25519 keys
-follow RFC 8463. A domain signs with its newest key of each algorithm, so rotating is: generate
-a key under a new selector, publish its TXT record, and the next message uses it.
+"""DKIM private keys. The source is svc_send's KV store (the `("send", "dkim", domain, selector)`
+keys, a StoredDkimKey each), so that every svc_send replica signs with the same keys: the
+embedded SQLite store locally, FoundationDB when configured. `mailmesh dkim keygen` writes
+there directly; PEM files can be imported (`mailmesh dkim import`, and at every start of
+svc_send the files under `{data_dir}/dkim/<domain>/<selector>.key` whose selector is not in the
+store yet). RSA keys are 2048-bit (RFC 8301 3.2), Ed25519 keys follow RFC 8463. A domain signs
+with its newest key of each algorithm, so rotating is: generate a key under a new selector,
+publish its TXT record, and the next message (of every replica, within CACHE_TTL_S) uses it.
 
 The TXT record to publish (RFC 6376 3.6.1): `v=DKIM1; k=rsa; p=<SubjectPublicKeyInfo, base64>`
 or `v=DKIM1; k=ed25519; p=<the 32-byte public key, base64>` at `<selector>._domainkey.<domain>`.
@@ -9,23 +13,32 @@ or `v=DKIM1; k=ed25519; p=<the 32-byte public key, base64>` at `<selector>._doma
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import os
 import re
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from mailmesh.v1 import send_service_pb2 as spb
 
 from mailmesh_common.address import validate_domain
 from mailmesh_common.errors import AlreadyExists, InvalidInput
+from mailmesh_common.kv import Database, Transaction
+from svc_send import store
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_BITS = 2048
 DEFAULT_SELECTOR = "mail"
+CACHE_TTL_S = 10.0  # a key added or replaced in the store is used by every replica within this
+MAX_KEYS_PER_DOMAIN = 100
+MAX_KEYS_LISTED = 10_000
+MAX_CACHED_DOMAINS = 10_000
+MAX_PEM_BYTES = 64 * 1024
 _SELECTOR = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9](?:[a-z0-9_-]{0,62}))*$")
 
 
@@ -37,7 +50,7 @@ class DkimKey:
     selector: str
     algorithm: str  # "rsa" or "ed25519"
     private_pem: bytes
-    mtime: float = 0.0
+    created: float = 0.0  # seconds since the epoch: when it was made (or its file last changed)
 
     @property
     def signature_algorithm(self) -> bytes:
@@ -115,20 +128,19 @@ def new_private_pem(algorithm: str) -> bytes:
                              serialization.NoEncryption())
 
 
-class DkimKeyStore:
-    """The key files under `root` (`{data_dir}/dkim`), read again when a domain's directory changes."""
+class DkimKeyFiles:
+    """PEM key files under `root` (`{data_dir}/dkim/<domain>/<selector>.key`, mode 0600): what
+    older installations used, and an import source for the store."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._cache: dict[str, tuple[float, list[DkimKey]]] = {}
-        self._lock = threading.Lock()
 
     def _dir(self, domain: str) -> Path:
         return self.root / validate_domain(domain)
 
     def generate(self, domain: str, selector: str = DEFAULT_SELECTOR, algorithm: str = "rsa", *,
                  force: bool = False) -> DkimKey:
-        """Creates (or with force, replaces) the key of domain/selector; returns it."""
+        """Creates (or with force, replaces) the key file of domain/selector; returns the key."""
         domain = validate_domain(domain)
         selector = check_selector(selector)
         pem = new_private_pem(algorithm)
@@ -149,46 +161,160 @@ class DkimKeyStore:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        with self._lock:
-            self._cache.pop(domain, None)
         return DkimKey(domain, selector, algorithm, pem, path.stat().st_mtime)
 
-    def keys(self, domain: str) -> list[DkimKey]:
-        """Every readable key of the domain, newest first."""
-        try:
-            directory = self._dir(domain)
-        except InvalidInput:
-            return []
-        try:
-            stamp = directory.stat().st_mtime
-        except FileNotFoundError:
-            return []
-        with self._lock:
-            cached = self._cache.get(directory.name)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]
+    def all_keys(self) -> list[DkimKey]:
+        """Every readable key file (unreadable or foreign files are skipped)."""
         found: list[DkimKey] = []
-        for path in directory.glob("*.key"):
+        if not self.root.is_dir():
+            return found
+        for directory in sorted(self.root.iterdir()):
             try:
-                pem = path.read_bytes()
-                found.append(DkimKey(directory.name, path.stem, _algorithm_of(pem), pem, path.stat().st_mtime))
-            except (OSError, ValueError, InvalidInput):
+                domain = validate_domain(directory.name)
+            except InvalidInput:
                 continue
-        found.sort(key=lambda k: k.mtime, reverse=True)
-        with self._lock:
-            self._cache[directory.name] = (stamp, found)
+            for path in sorted(directory.glob("*.key"))[:MAX_KEYS_PER_DOMAIN]:
+                try:
+                    selector = check_selector(path.stem)
+                    pem = path.read_bytes()[:MAX_PEM_BYTES]
+                    found.append(DkimKey(domain, selector, _algorithm_of(pem), pem, path.stat().st_mtime))
+                except (OSError, ValueError, TypeError, InvalidInput):
+                    continue
         return found
 
-    def signing_keys(self, domain: str) -> list[DkimKey]:
-        """The newest key of each algorithm: RSA first, then Ed25519 (RFC 8463 3: sign with both)."""
+
+def _record(key: DkimKey) -> spb.StoredDkimKey:
+    rec = spb.StoredDkimKey(domain=key.domain, selector=key.selector, algorithm=key.algorithm,
+                            private_pem=key.private_pem)
+    rec.create_time.FromNanoseconds(int(key.created * 1e9))
+    return rec
+
+
+def _put(tr: Transaction, key: DkimKey, force: bool) -> bool:
+    """Stores key; False when its selector exists and force is not set (nothing written)."""
+    k = store.key("dkim", key.domain, key.selector)
+    if tr.get(k) is not None and not force:
+        return False
+    tr.set(k, _record(key).SerializeToString())
+    return True
+
+
+def _load(tr: Transaction, domain: str) -> list[DkimKey]:
+    rows = tr.get_range(*store.prefix_range("dkim", domain), limit=MAX_KEYS_PER_DOMAIN)
+    out = []
+    for _, value in rows:
+        rec = spb.StoredDkimKey.FromString(value)
+        out.append(DkimKey(rec.domain, rec.selector, rec.algorithm, rec.private_pem,
+                           rec.create_time.ToNanoseconds() / 1e9))
+    return out
+
+
+def _load_all(tr: Transaction) -> list[DkimKey]:
+    rows = tr.get_range(*store.prefix_range("dkim"), limit=MAX_KEYS_LISTED)
+    out = []
+    for _, value in rows:
+        rec = spb.StoredDkimKey.FromString(value)
+        out.append(DkimKey(rec.domain, rec.selector, rec.algorithm, rec.private_pem,
+                           rec.create_time.ToNanoseconds() / 1e9))
+    return out
+
+
+def _newest_first(keys: list[DkimKey]) -> list[DkimKey]:
+    return sorted(keys, key=lambda k: (k.created, k.selector), reverse=True)
+
+
+class DkimKeyStore:
+    """The keys in svc_send's KV store. The async methods serve svc_send (signing keys cached
+    for CACHE_TTL_S per domain); the `_sync` ones serve the `mailmesh dkim` commands."""
+
+    def __init__(self, db: Database, cache_ttl_s: float = CACHE_TTL_S) -> None:
+        self.db = db
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, list[DkimKey]]] = {}  # domain -> (loaded at, signing keys)
+
+    # --- writing ------------------------------------------------------------------------------------
+    @staticmethod
+    def new_key(domain: str, selector: str = DEFAULT_SELECTOR, algorithm: str = "rsa") -> DkimKey:
+        return DkimKey(validate_domain(domain), check_selector(selector), algorithm, new_private_pem(algorithm),
+                       time.time())
+
+    @staticmethod
+    def key_from_pem(domain: str, selector: str, pem: bytes, created: float | None = None) -> DkimKey:
+        """A key from a PEM file's content; InvalidInput when it is no RSA or Ed25519 private key."""
+        if len(pem) > MAX_PEM_BYTES:
+            raise InvalidInput(f"a DKIM key file is at most {MAX_PEM_BYTES} bytes")
+        try:
+            algorithm = _algorithm_of(pem)
+        except (ValueError, TypeError):
+            raise InvalidInput("not a PEM private key (RSA or Ed25519, unencrypted)") from None
+        return DkimKey(validate_domain(domain), check_selector(selector), algorithm, pem,
+                       time.time() if created is None else created)
+
+    def _check_put(self, key: DkimKey, stored: bool) -> DkimKey:
+        if not stored:
+            raise AlreadyExists(f"a DKIM key for selector {key.selector!r} of {key.domain} exists already")
+        self._cache.pop(key.domain, None)
+        return key
+
+    async def put(self, key: DkimKey, *, force: bool = False) -> DkimKey:
+        return self._check_put(key, await self.db.run(lambda tr: _put(tr, key, force)))
+
+    def put_sync(self, key: DkimKey, *, force: bool = False) -> DkimKey:
+        return self._check_put(key, self.db.run_sync(lambda tr: _put(tr, key, force)))
+
+    async def generate(self, domain: str, selector: str = DEFAULT_SELECTOR, algorithm: str = "rsa", *,
+                       force: bool = False) -> DkimKey:
+        key = await asyncio.to_thread(self.new_key, domain, selector, algorithm)
+        return await self.put(key, force=force)
+
+    async def import_files(self, files: DkimKeyFiles) -> list[DkimKey]:
+        """Stores every key file whose selector is not in the store yet; returns those stored."""
+        found = await asyncio.to_thread(files.all_keys)
+        imported = []
+        for key in found:
+            if await self.db.run(lambda tr, k=key: _put(tr, k, False)):  # type: ignore[misc]
+                self._cache.pop(key.domain, None)
+                imported.append(key)
+        return imported
+
+    # --- reading ------------------------------------------------------------------------------------
+    async def keys(self, domain: str) -> list[DkimKey]:
+        """Every key of the domain, newest first."""
+        try:
+            domain = validate_domain(domain)
+        except InvalidInput:
+            return []
+        return _newest_first(await self.db.run(lambda tr: _load(tr, domain), readonly=True))
+
+    def list_sync(self, domain: str = "") -> list[DkimKey]:
+        """Every key (of one domain, when given), by domain, newest first."""
+        if domain:
+            d = validate_domain(domain)
+            return _newest_first(self.db.run_sync(lambda tr: _load(tr, d), readonly=True))
+        keys = self.db.run_sync(_load_all, readonly=True)
+        return sorted(keys, key=lambda k: (k.domain, -k.created, k.selector))
+
+    async def signing_keys(self, domain: str) -> list[DkimKey]:
+        """The newest key of each algorithm: RSA first, then Ed25519 (RFC 8463 3: sign with both).
+        Cached per domain for cache_ttl_s; the same DkimKey objects (and their parsed keys) are
+        kept while the store holds the same key."""
+        cached = self._cache.get(domain)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.cache_ttl_s:
+            return cached[1]
         chosen: dict[str, DkimKey] = {}
-        for key in self.keys(domain):
+        for key in await self.keys(domain):
             chosen.setdefault(key.algorithm, key)
-        return [chosen[a] for a in ALGORITHMS if a in chosen]
+        previous = {(k.selector, k.private_pem): k for k in (cached[1] if cached else [])}
+        keys = [previous.get((chosen[a].selector, chosen[a].private_pem), chosen[a]) for a in ALGORITHMS if a in chosen]
+        if len(self._cache) >= MAX_CACHED_DOMAINS:
+            self._cache.clear()
+        self._cache[domain] = (now, keys)
+        return keys
 
 
 def dkim_root(data_dir: Path) -> Path:
     return data_dir / "dkim"
 
 
-__all__ = ["ALGORITHMS", "DEFAULT_SELECTOR", "DkimKey", "DkimKeyStore", "check_selector", "dkim_root"]
+__all__ = ["ALGORITHMS", "DEFAULT_SELECTOR", "DkimKey", "DkimKeyFiles", "DkimKeyStore", "check_selector", "dkim_root"]

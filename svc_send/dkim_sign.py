@@ -49,6 +49,11 @@ def _rsa_sign(digest: Any, pk: dict[str, int]) -> bytes:
 
 dkimpy.RSASSA_PKCS1_v1_5_sign = _rsa_sign  # the name dkim.DKIM.sign calls
 
+# dkimpy parses the PEM (pure-Python ASN.1) on every signature; our keys change rarely, and the
+# parsed form (a dict of integers) is only read, so one parse per key is enough
+_parse_pem_private_key = functools.lru_cache(maxsize=64)(dkimpy.parse_pem_private_key)
+dkimpy.parse_pem_private_key = _parse_pem_private_key  # the name dkim.DKIM.sign calls
+
 
 def sign_with(raw: bytes, keys: list[DkimKey]) -> bytes:
     """raw with one DKIM-Signature per key prepended (CRLF line ends expected)."""
@@ -72,7 +77,7 @@ class Signer:
 
     async def sign(self, raw: bytes, domain: str) -> tuple[bytes, list[str]]:
         """(signed raw, ["rsa-sha256", ...] signatures made)."""
-        keys = self.keys.signing_keys(domain)
+        keys = await self.keys.signing_keys(domain)
         if not keys:
             log.debug("no DKIM key for %s: sending unsigned", domain)
             return raw, []

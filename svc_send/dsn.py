@@ -70,8 +70,9 @@ def build_dsn(entry: spb.QueueEntry, failed: list[types_pb2.RecipientStatus], or
               f"Arrival-Date: {_date(entry.create_time)}", ""]
     for r in failed:
         fields += [f"Final-Recipient: rfc822; {r.email}", "Action: failed", f"Status: {status_code(r.last_reply)}"]
-        if entry.remote_mta and _SMTP_REPLY.match(r.last_reply):
-            fields.append(f"Remote-MTA: dns; {entry.remote_mta.split(' ')[0]}")
+        if _SMTP_REPLY.match(r.last_reply):
+            if entry.remote_mta:  # absent when the failure was ours (an unknown local mailbox)
+                fields.append(f"Remote-MTA: dns; {entry.remote_mta.split(' ')[0]}")
             fields.append(f"Diagnostic-Code: smtp; {' '.join(r.last_reply.split())}")
         else:
             fields.append(f"X-Mailmesh-Diagnostic: {' '.join(r.last_reply.split())}")

@@ -59,9 +59,12 @@ class HeldSends:
         return await self.db.run(lambda tr: decode_counter(tr.get(key("day", user, day_number(now)))),
                                  readonly=True)
 
-    async def hold(self, rec: spb.StoredSend, idempotency_key: str, now: int) -> spb.StoredSend:
+    async def hold(self, rec: spb.StoredSend, idempotency_key: str, now: int, *,
+                   release_now: bool = False) -> spb.StoredSend:
         """Stores a new held send (counting it for the day); returns the stored one, which is an
-        earlier send when the idempotency key raced with another request."""
+        earlier send when the idempotency key raced with another request. With release_now (no
+        undo window, no schedule) the same transaction also claims its release (claim_release),
+        one commit less per message; the send stays in the due index until finish_release."""
         user = rec.sender_user_id
         release = us_of(rec.send.send_time)
         send_id = rec.send.send_id
@@ -86,6 +89,8 @@ class HeldSends:
             today = day_number(now)
             tr.clear_range(key("day", user, 0), key("day", user, today))  # earlier days are done
             tr.add(key("day", user, today), 1)
+            if release_now:
+                return self._claim_in(tr, rec, now)
             return rec
 
         return await self.db.run(fn)
@@ -116,29 +121,36 @@ class HeldSends:
                 return None
             if rec.send.status == spb.SEND_STATUS_SENT:
                 return rec
-            release = us_of(rec.send.send_time)
-            rec.send.status = spb.SEND_STATUS_SENT
-            tr.clear(key("held", rec.sender_user_id, release, send_id))
-            if rec.HasField("inbound"):
-                rec.inbound.received_time.CopyFrom(ts(now))
-            for job in rec.outbound:
-                job.create_time.CopyFrom(ts(now))
-                job.not_before.CopyFrom(ts(release))
-                entry = spb.QueueEntry(
-                    name=f"queueEntries/{job.job_id}", id=job.job_id, sender_user_id=rec.sender_user_id,
-                    message=rec.send.name, mail_from=job.mail_from, domain=job.domain,
-                    state=spb.QUEUE_ENTRY_STATE_QUEUED, subject=rec.send.subject, blob_ref=job.blob_ref,
-                    size=rec.size, status_synced=True, send_id=send_id)
-                entry.recipients.extend(types_pb2.RecipientStatus(
-                    email=r, state=types_pb2.RECIPIENT_STATE_QUEUED, updated_time=ts(now)) for r in job.rcpt_to)
-                entry.create_time.CopyFrom(ts(now))
-                entry.next_attempt_time.CopyFrom(ts(max(now, release)))
-                entry.expire_time.CopyFrom(ts(now + self.max_age_us))
-                QueueStore.create_in(tr, entry)
-            tr.set(key("send", send_id), rec.SerializeToString())
-            return rec
+            return self._claim_in(tr, rec, now)
 
         return await self.db.run(fn)
+
+    def _claim_in(self, tr: Transaction, held: spb.StoredSend, now: int) -> spb.StoredSend:
+        """claim_release's writes for a held send (a copy of `held` is returned, marked SENT)."""
+        rec = spb.StoredSend()
+        rec.CopyFrom(held)  # the caller's copy stays as it was (a transaction may run again)
+        send_id = rec.send.send_id
+        release = us_of(rec.send.send_time)
+        rec.send.status = spb.SEND_STATUS_SENT
+        tr.clear(key("held", rec.sender_user_id, release, send_id))
+        if rec.HasField("inbound"):
+            rec.inbound.received_time.CopyFrom(ts(now))
+        for job in rec.outbound:
+            job.create_time.CopyFrom(ts(now))
+            job.not_before.CopyFrom(ts(release))
+            entry = spb.QueueEntry(
+                name=f"queueEntries/{job.job_id}", id=job.job_id, sender_user_id=rec.sender_user_id,
+                message=rec.send.name, mail_from=job.mail_from, domain=job.domain,
+                state=spb.QUEUE_ENTRY_STATE_QUEUED, subject=rec.send.subject, blob_ref=job.blob_ref,
+                size=rec.size, status_synced=True, send_id=send_id)
+            entry.recipients.extend(types_pb2.RecipientStatus(
+                email=r, state=types_pb2.RECIPIENT_STATE_QUEUED, updated_time=ts(now)) for r in job.rcpt_to)
+            entry.create_time.CopyFrom(ts(now))
+            entry.next_attempt_time.CopyFrom(ts(max(now, release)))
+            entry.expire_time.CopyFrom(ts(now + self.max_age_us))
+            QueueStore.create_in(tr, entry)
+        tr.set(key("send", send_id), rec.SerializeToString())
+        return rec
 
     async def finish_release(self, due: Due, now: int) -> None:
         """Takes a released (or vanished) send out of the due index."""

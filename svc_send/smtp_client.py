@@ -97,6 +97,7 @@ class SmtpClient:
         self.tls = False
         self.broken = False
         self.transactions = 0
+        self.data_sent = False  # the current transaction's message went out (its fate may be unknown)
 
     @property
     def peer(self) -> str:
@@ -193,6 +194,7 @@ class SmtpClient:
         mail_cmd = f"MAIL FROM:<{mail_from}>" + "".join(f" {p}" for p in params)
         rcpt_cmds = [f"RCPT TO:<{r}>" for r in rcpts]
         self.transactions += 1
+        self.data_sent = False
         if "PIPELINING" in self.extensions:  # RFC 2920 3.1: MAIL and RCPT go in one batch
             await self._write("".join(c + "\r\n" for c in [mail_cmd, *rcpt_cmds]).encode("utf-8"))
             mail = await self.read_reply()
@@ -210,7 +212,9 @@ class SmtpClient:
         go = await self.command("DATA")
         if go.code != 354:
             tx.data = go
+            await self.reset()  # leave the connection ready for the next transaction
             return tx
+        self.data_sent = True  # from here a lost connection may have delivered it (RFC 1047)
         await self._write(dot_stuff(data) + b".\r\n")
         tx.data = await self.read_reply(DATA_END_TIMEOUT_S)
         return tx

@@ -1,5 +1,6 @@
-"""SMTP submission (RFC 6409) on aiosmtpd: STARTTLS (RFC 3207), AUTH PLAIN and LOGIN (RFC 4954)
-only over TLS (loopback clients exempt when submission_auth_loopback_plaintext is set, for
+"""SMTP submission (RFC 6409) on aiosmtpd: STARTTLS (RFC 3207) on submission_port (587 in
+production), and implicit TLS (RFC 8314 3.3) on submissions_port when set (465 in production);
+AUTH PLAIN and LOGIN (RFC 4954) only over TLS (loopback clients exempt when submission_auth_loopback_plaintext is set, for
 dev), credentials checked with MailboxService.Authenticate, MAIL FROM limited to the
 authenticated account's addresses (553 5.7.1), then the same pipeline as the Send RPC. `250`
 is sent only once the message is durably accepted (blob, SENT copy, held send).
@@ -25,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from mailmesh_common import address, telemetry
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, MailmeshError, Unauthenticated, Unavailable
-from svc_send.mailbox import MailboxClient
+from mailmesh_common.mailboxclient import MailboxClient
 from svc_send.outbound import Outbox
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,20 @@ def _reply(exc: MailmeshError) -> str:
 class SubmissionSMTP(SMTP):
     """aiosmtpd's protocol with AUTH checked against the mailbox service and the session span."""
 
-    def __init__(self, handler: SubmissionHandler, server: SubmissionServer) -> None:
+    def __init__(self, handler: SubmissionHandler, server: SubmissionServer, *, implicit_tls: bool = False) -> None:
         s = server.settings
+        # implicit TLS: the connection is encrypted from its first byte, so no STARTTLS, and AUTH
+        # is allowed at once
         super().__init__(handler, data_size_limit=s.max_message_bytes, enable_SMTPUTF8=True, decode_data=False,
-                         hostname=server.hostname, ident=IDENT, tls_context=server.tls_context,
+                         hostname=server.hostname, ident=IDENT, tls_context=None if implicit_tls else server.tls_context,
                          timeout=s.smtp_timeout_s, auth_required=True,
                          auth_require_tls=s.submission_auth_require_tls,
                          authenticator=lambda *_args: AuthResult(success=False),
                          loop=asyncio.get_running_loop())
         self.server = server
+        self.implicit_tls = implicit_tls
+        if implicit_tls:
+            self._auth_require_tls = False  # TLS from the first byte (aiosmtpd only knows STARTTLS)
         self.failures = 0
         self.session_span: trace.Span = trace.INVALID_SPAN
 
@@ -87,7 +93,8 @@ class SubmissionSMTP(SMTP):
         self.server.sessions.add(self)
         span = telemetry.tracer("svc_send.submission").start_span("smtp.session", kind=SpanKind.SERVER, attributes={
             "network.peer.address": self.peer_ip, "network.protocol.name": "submission",
-            "server.port": self.server.port})
+            "server.port": self.server.tls_port if self.implicit_tls else self.server.port,
+            "mailmesh.smtp.tls": self.implicit_tls})
         self.session_span = span
         try:
             with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
@@ -224,19 +231,36 @@ class SubmissionServer:
         self.hostname = hostname
         self.sessions: set[SubmissionSMTP] = set()
         self.server: asyncio.Server | None = None
+        self.tls_server: asyncio.Server | None = None
         self.port = 0
+        self.tls_port = 0
 
     async def start(self) -> int:
-        """Listens; raises OSError when the port is taken. Returns the bound port."""
+        """Listens (and on submissions_port with implicit TLS, when set); raises OSError when a
+        port is taken. Returns the bound submission port."""
         handler = SubmissionHandler(self)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: SubmissionSMTP(handler, self), host=self.settings.host,
                                                port=self.settings.submission_port, reuse_address=True)
         self.port = int(self.server.sockets[0].getsockname()[1])
         log.info("svc_send submission listening on %s:%d", self.settings.host, self.port)
+        if self.settings.submissions_port:
+            try:
+                self.tls_server = await loop.create_server(
+                    lambda: SubmissionSMTP(handler, self, implicit_tls=True), host=self.settings.host,
+                    port=self.settings.submissions_port, reuse_address=True, ssl=self.tls_context,
+                    ssl_handshake_timeout=self.settings.smtp_timeout_s)
+            except BaseException:
+                self.server.close()
+                self.server = None
+                raise
+            self.tls_port = int(self.tls_server.sockets[0].getsockname()[1])
+            log.info("svc_send submission (implicit TLS) listening on %s:%d", self.settings.host, self.tls_port)
         return self.port
 
     async def close(self) -> None:
+        if self.tls_server is not None:
+            self.tls_server.close()
         if self.server is None:
             return
         self.server.close()
@@ -245,9 +269,11 @@ class SubmissionServer:
                 if s.transport is not None and not s.transport.is_closing():
                     s._writer.write(b"421 4.3.2 Service shutting down\r\n")
                     s.transport.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 2)
-        self.server = None
+        for srv in (self.server, self.tls_server):
+            if srv is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(srv.wait_closed(), 2)
+        self.server = self.tls_server = None
 
 
 __all__ = ["SubmissionServer"]

@@ -1,8 +1,9 @@
-"""`mailmesh dkim keygen` and `mailmesh queue list|show|retry|cancel`.
+"""`mailmesh dkim keygen|import|list` and `mailmesh queue list|show|retry|cancel`.
 
-keygen writes the key into the data dir, where svc_send picks it up for the next message, and
-prints the DNS TXT record to publish. The queue commands are system calls to the running
-svc_send's SendService (the mesh token from the data dir).
+The dkim commands work on svc_send's key store (its KV: send.db in the data dir, or
+FoundationDB), where every svc_send replica finds a key for its next message (within seconds);
+keygen and import print the DNS TXT record to publish. The queue commands are system calls to
+the running svc_send's SendService (the mesh token from the data dir).
 """
 
 from __future__ import annotations
@@ -75,20 +76,76 @@ def _age(t: Timestamp) -> str:
 
 # --- dkim ---------------------------------------------------------------------------------------
 
-def dkim_keygen(args: argparse.Namespace) -> int:
-    from svc_send.dkim_keys import DkimKeyStore, dkim_root
+def _key_store(settings: Settings) -> Any:
+    """svc_send's DKIM key store on its KV (send.db in the data dir, or FoundationDB)."""
+    from svc_send.dkim_keys import DkimKeyStore
+    from svc_send.store import open_send_db
 
+    return DkimKeyStore(open_send_db(settings))
+
+
+def _print_record(key: Any) -> None:
+    print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
+
+
+def dkim_keygen(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
-        key = DkimKeyStore(dkim_root(settings.data_dir)).generate(args.domain, args.selector, args.algorithm,
-                                                                   force=args.force)
+        keys = _key_store(settings)
+        try:
+            key = keys.put_sync(keys.new_key(args.domain, args.selector, args.algorithm), force=args.force)
+        finally:
+            keys.db.close_sync()
     except MailmeshError as exc:
         print(f"mailmesh: dkim keygen: {exc.message}", file=sys.stderr)
         return 1
-    path = dkim_root(settings.data_dir) / key.domain / f"{key.selector}.key"
-    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) written to {path}")
+    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) stored in the send store")
     print("Publish this TXT record, then mail from the domain is signed with it:")
-    print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
+    _print_record(key)
+    return 0
+
+
+def dkim_import(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        with open(args.file, "rb") as f:
+            pem = f.read(1024 * 1024)
+    except OSError as exc:
+        print(f"mailmesh: dkim import: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        keys = _key_store(settings)
+        try:
+            key = keys.put_sync(keys.key_from_pem(args.domain, args.selector, pem), force=args.force)
+        finally:
+            keys.db.close_sync()
+    except MailmeshError as exc:
+        print(f"mailmesh: dkim import: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) imported into the send store")
+    print("Its TXT record (publish it if it is not published yet):")
+    _print_record(key)
+    return 0
+
+
+def dkim_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        keys = _key_store(settings)
+        try:
+            found = keys.list_sync(args.domain or "")
+        finally:
+            keys.db.close_sync()
+    except MailmeshError as exc:
+        print(f"mailmesh: dkim list: {exc.message}", file=sys.stderr)
+        return 1
+    if not found:
+        print("no DKIM keys")
+        return 0
+    for key in found:
+        created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"{key.domain}  selector {key.selector}  {key.algorithm}  created {created}")
+        print(f"  {key.record_name}. IN TXT \"{key.txt_record()}\"")
     return 0
 
 
@@ -195,6 +252,17 @@ def add_send_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--force", action="store_true", help="replace an existing key of that selector")
     _common(p)
     p.set_defaults(func=dkim_keygen)
+    p = dsub.add_parser("import", help="store an existing private key (PEM, RSA or Ed25519) for a domain")
+    p.add_argument("--domain", required=True, help="the sending domain, e.g. example.com")
+    p.add_argument("--selector", required=True, help="the selector its public key is published under")
+    p.add_argument("--file", required=True, help="the unencrypted PEM private key (PKCS#8 or PKCS#1)")
+    p.add_argument("--force", action="store_true", help="replace an existing key of that selector")
+    _common(p)
+    p.set_defaults(func=dkim_import)
+    p = dsub.add_parser("list", help="the stored keys and the TXT record of each")
+    p.add_argument("--domain", help="only this domain's keys")
+    _common(p)
+    p.set_defaults(func=dkim_list)
     dkim.set_defaults(func=lambda _a: _usage(dkim))
 
     queue = sub.add_parser("queue", help="the outbound queue (mail waiting for remote servers)")

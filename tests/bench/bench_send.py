@@ -48,7 +48,7 @@ from nats.aio.msg import Msg
 from mailmesh_common import auth
 from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
-from svc_send.dkim_keys import DkimKeyStore, dkim_root
+from svc_send.dkim_keys import DkimKeyFiles, dkim_root
 from svc_send.tls import self_signed
 from tests.bench.common import free_port, pct
 from tests.dnsserver import DnsServer
@@ -64,12 +64,38 @@ def summary(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(statistics.median(values) * 1000, 1), "p99": round(pct(values, 99) * 1000, 1)}
 
 
-def spawn(module: str, settings: Settings, logs: Path) -> subprocess.Popen[bytes]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process used so far; 0 when unknown (not Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# the event loop thread's CPU time (not wall time, which a busy machine inflates); threads apart
+_PROFILED = """
+import cProfile, runpy, time
+p = cProfile.Profile(time.thread_time)
+p.enable()
+try:
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+finally:
+    p.disable()
+    p.dump_stats({out!r})
+"""
+
+
+def spawn(module: str, settings: Settings, logs: Path, profile: Path | None = None) -> subprocess.Popen[bytes]:
+    """`python -m module`; under cProfile (written to profile/<module>.prof when it stops) if asked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILMESH_")}
     env.update(settings_env(settings))
+    argv = [sys.executable, "-m", module]
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-c", _PROFILED.format(out=str(profile / f"{module}.prof"), module=module)]
     with open(logs / f"{module}.log", "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out, stderr=out,
-                                cwd=Path(__file__).resolve().parents[2])
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=Path(__file__).resolve().parents[2])
 
 
 async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -109,6 +135,9 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent Send calls")
     ap.add_argument("--probes", type=int, default=50, help="messages per path for the unloaded latency")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    ap.add_argument("--paths", default="remote,local", help="which paths to measure (remote, local or both)")
+    ap.add_argument("--profile", type=Path, help="run svc_send and svc_mailbox under cProfile, writing "
+                                                  "DIR/svc_send.prof and DIR/svc_mailbox.prof")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="mailmesh-bench-send-"))
@@ -116,6 +145,7 @@ async def main() -> None:
     logs.mkdir()
     natsd = NatsServer(tmp / "nats", "127.0.0.1", free_port())
     natsd.start_and_wait()
+    natsd_pid = natsd.proc.pid if natsd.proc is not None else 0
     dns = DnsServer().start()
     dns.add(REMOTE, "MX", (10, f"mx.{REMOTE}"))
     dns.add(f"mx.{REMOTE}", "A", "127.0.0.1")
@@ -136,11 +166,11 @@ async def main() -> None:
             smtp_hostname="mail.example.com", outbound_smtp_port=sink_port, undo_send_s=0,
             sends_per_day=10**9)
         settings.data_dir.mkdir(parents=True)
-        keys = DkimKeyStore(dkim_root(settings.data_dir))
+        keys = DkimKeyFiles(dkim_root(settings.data_dir))  # imported by svc_send at start
         for selector, algorithm in (("rsa1", "rsa"), ("ed1", "ed25519")):
             k = keys.generate("example.com", selector, algorithm)
             dns.add(k.record_name, "TXT", k.txt_record())
-        procs.append(spawn("svc_mailbox", settings, logs))
+        procs.append(spawn("svc_mailbox", settings, logs, args.profile))
         await wait_port(settings.mailbox_port, procs[0])
         md = ((auth.TOKEN_KEY, settings.token()),)
         mb_channel = grpc.aio.insecure_channel(settings.addr("mailbox"))
@@ -153,7 +183,7 @@ async def main() -> None:
                                                                    password="benchmark-password",
                                                                    display_name=name.title()), metadata=md)).account
             ids[name] = acct.user_id
-        procs.append(spawn("svc_send", settings, logs))
+        procs.append(spawn("svc_send", settings, logs, args.profile))
         await wait_port(settings.send_port, procs[1])
         send_channel = grpc.aio.insecure_channel(settings.addr("send"))
         stub = spb_grpc.SendServiceStub(send_channel)
@@ -209,13 +239,14 @@ async def main() -> None:
             raise RuntimeError(f"{path}: only some messages arrived")
 
         # warm up every path (connections, caches, JIT-free but lazy imports)
-        for path in ("remote", "local"):
+        paths = [p for p in ("remote", "local") if p in args.paths.split(",")]
+        for path in paths:
             warm = f"w{path}"
             await asyncio.gather(*(send_one(path, warm, i) for i in range(20)))
             await arrivals(path, warm, 20)
 
         results: dict[str, Any] = {}
-        for path in ("remote", "local"):
+        for path in paths:
             run = f"load{path}"
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(args.messages):
@@ -231,11 +262,15 @@ async def main() -> None:
                     st[i] = t0
                     lat.append(t1 - t0)
 
+            watched = {"svc_mailbox": procs[0].pid, "svc_send": procs[1].pid, "nats-server": natsd_pid,
+                       "bench (client, sink, dns)": os.getpid()}
+            cpu0 = {k: cpu_seconds(v) for k, v in watched.items()}
             t_start = time.monotonic()
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
             t_sent = time.monotonic()
             got = await arrivals(path, run, args.messages)
             t_done = max(got.values())
+            cpu_ms = {k: round((cpu_seconds(v) - cpu0[k]) * 1000 / args.messages, 1) for k, v in watched.items()}
             latencies = [got[i] - started[i] for i in got]
 
             probe = f"probe{path}"
@@ -251,6 +286,7 @@ async def main() -> None:
                 "send_rpc_ms": summary(rpc),
                 "send_to_delivered_ms_under_load": summary(latencies),
                 "send_to_delivered_ms_unloaded": summary(unloaded),
+                "cpu_ms_per_message_under_load": cpu_ms,
             }
         await nc.close()
         await send_channel.close()
@@ -261,7 +297,7 @@ async def main() -> None:
         for p in reversed(procs):
             p.terminate()
             try:
-                p.wait(15)
+                p.wait(60 if args.profile else 15)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

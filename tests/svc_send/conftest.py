@@ -26,7 +26,7 @@ from mailmesh.v1 import types_pb2
 from mailmesh_common import auth, grpcclient
 from mailmesh_common.config import Settings, load_settings
 from mailmesh_common.service import ServiceContext, run_until_stopped, serve
-from svc_send.dkim_keys import DkimKeyStore, dkim_root
+from svc_send.dkim_keys import DkimKeyFiles, dkim_root
 from svc_send.server import Send, register
 from svc_send.servicer import service_name
 from svc_send.tls import self_signed
@@ -68,6 +68,16 @@ class Sink:
     data_started: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     server: asyncio.Server | None = None
+    sessions: set[SMTP] = field(default_factory=set)  # open connections (server side)
+
+    def drop_connections(self) -> int:
+        """Closes every open connection from the server side (as an MX does with idle clients)."""
+        n = 0
+        for proto in list(self.sessions):
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.transport.close()
+                n += 1
+        return n
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -118,6 +128,11 @@ class _SinkSMTP(SMTP):
         if self._tls_protocol is None:  # STARTTLS calls it again for the same connection
             self.sink.connections += 1
         super().connection_made(transport)
+        self.sink.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.sink.sessions.discard(self)
+        super().connection_lost(error)
 
 
 _SINK_CERT: list[tuple[Path, Path]] = []
@@ -254,7 +269,7 @@ def setup_remote(dns: DnsServer, domain: str = REMOTE, address: str = "127.0.0.1
 async def make_send_mesh(tmp: Path, url: str, dns: DnsServer, **overrides: object) -> SendMesh:
     mesh = await start_mesh(tmp, url)
     users = await mesh.admin_setup(LOCAL, ("alice", "bob"))
-    keys = DkimKeyStore(dkim_root(mesh.settings.data_dir))
+    keys = DkimKeyFiles(dkim_root(mesh.settings.data_dir))  # imported into the store at start
     for selector, algorithm in (("rsa1", "rsa"), ("ed1", "ed25519")):
         key = keys.generate(LOCAL, selector, algorithm)
         dns.add(key.record_name, "TXT", key.txt_record())

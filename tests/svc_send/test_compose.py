@@ -53,7 +53,10 @@ def test_html_only_gets_a_derived_text_part_and_attachments_get_detected_types()
         compose.AttachmentIn("photo.JPG", b"\xff\xd8\xff\xe0jpeg"),
         compose.AttachmentIn("data.unknownext", b"\x00\x01"),
         compose.AttachmentIn("C:\\Users\\me\\notes.txt", "ünïcode".encode()),
-        compose.AttachmentIn("logo.png", b"\x89PNG", content_id="<logo@x>", inline=True)]),
+        compose.AttachmentIn("logo.png", b"\x89PNG", content_id="<logo@x>", inline=True),
+        compose.AttachmentIn("scan", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3 pdf bytes"),
+        compose.AttachmentIn("README", b"plain words\r\n"),
+        compose.AttachmentIn("image.dat99", b"\x89PNG\r\n\x1a\n\x00\x00")]),
         message_id="m2@example.com", date=DATE)
     m = _parse(c.delivery_raw)
     assert m.get_content_type() == "multipart/mixed"
@@ -63,6 +66,10 @@ def test_html_only_gets_a_derived_text_part_and_attachments_get_detected_types()
     parts = {p.get_filename(): p for p in m.iter_parts() if p.get_filename()}
     assert parts["photo.JPG"].get_content_type() == "image/jpeg"
     assert parts["data.unknownext"].get_content_type() == "application/octet-stream"
+    # no extension, or one nobody knows: the content tells
+    assert parts["scan"].get_content_type() == "application/pdf"
+    assert parts["README"].get_content_type() == "text/plain"
+    assert parts["image.dat99"].get_content_type() == "image/png"
     assert parts["notes.txt"].get_content() == "ünïcode"
     assert parts["logo.png"]["Content-ID"] == "<logo@x>" and parts["logo.png"].get_content_disposition() == "inline"
 

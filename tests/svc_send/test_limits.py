@@ -39,7 +39,6 @@ async def test_bad_requests_are_invalid_argument(sm: SendMesh) -> None:
     for kwargs, words in (
             ({"to": ()}, "no recipients"),
             ({"to": ("not-an-address",)}, "to:"),
-            ({"to": ("nobody@example.com",)}, "no such user"),
             ({"to": (f"d@{REMOTE}",), "subject": "line\nbreak"}, "line breaks"),
             ({"to": (f"d@{REMOTE}",), "from_email": "mallory@example.com"}, "not one of the account's addresses"),
             ({"to": (f"d@{REMOTE}",), "idempotency_key": "k" * 201}, "idempotency_key")):

@@ -1,13 +1,11 @@
-"""Queue visibility and operator actions, through the gRPC API and the `mailmesh queue` and
-`mailmesh dkim keygen` commands: what waits, for whom, since when, attempts, last reply,
-next attempt; retry now; cancel (the pending recipients bounce)."""
+"""Queue visibility and operator actions, through the gRPC API and the `mailmesh queue`
+commands: what waits, for whom, since when, attempts, last reply, next attempt; retry now;
+cancel (the pending recipients bounce)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import stat
 from pathlib import Path
 
 import grpc
@@ -113,20 +111,3 @@ async def _entry_by_id(sm: SendMesh, job_id: str, state: int) -> spb.QueueEntry 
 async def _dsn(sm: SendMesh, user: str) -> types_pb2.Message | None:
     found = [m for m in await sm.label(user, "INBOX") if m.subject.startswith("Undelivered Mail")]
     return found[0] if found else None
-
-
-def test_dkim_keygen_writes_a_private_key_and_prints_the_record(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    data = tmp_path / "data"
-    assert _cli(["dkim", "keygen", "--domain", "Example.ORG", "--data-dir", str(data)]) == 0
-    out = capsys.readouterr().out
-    key = data / "dkim" / "example.org" / "mail.key"
-    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
-    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    assert 'mail._domainkey.example.org. IN TXT "v=DKIM1; k=rsa; p=MII' in out
-    assert _cli(["dkim", "keygen", "--domain", "example.org", "--data-dir", str(data)]) == 1
-    assert "exists already" in capsys.readouterr().err
-    assert _cli(["dkim", "keygen", "--domain", "example.org", "--selector", "ed", "--algorithm", "ed25519",
-                 "--data-dir", str(data)]) == 0
-    assert "ed._domainkey.example.org. IN TXT \"v=DKIM1; k=ed25519; p=" in capsys.readouterr().out
-    assert _cli(["dkim", "keygen", "--domain", "bad domain", "--data-dir", str(data)]) == 1

@@ -187,3 +187,20 @@ async def test_one_destination_gets_at_most_its_connection_limit(sm: SendMesh) -
         await wait_for(functools.partial(_all_in, sm, alice, r.message_id, DELIVERED), "every message delivered")
     assert len(sm.sink.messages) == 4
     assert sm.sink.max_active == 1 and sm.sink.connections == 1, "one connection, reused, one at a time"
+
+
+async def test_a_pooled_connection_the_remote_closed_is_replaced_without_a_deferral(sm: SendMesh) -> None:
+    alice = sm.users["alice"]
+    first = await sm.send_mail(alice, to=(f"dave@{REMOTE}",), subject="one")
+    await wait_for(lambda: _all_in(sm, alice, first.message_id, DELIVERED), "the first delivery")
+    await wait_for(lambda: _idle_pooled(sm), "the connection back in the pool")
+    assert sm.sink.drop_connections() == 1  # the remote MX closes the idle connection
+    second = await sm.send_mail(alice, to=(f"erin@{REMOTE}",), subject="two")
+    await wait_for(lambda: _all_in(sm, alice, second.message_id, DELIVERED), "the second delivery")
+    [r] = (await sm.message(alice, second.message_id)).recipients
+    assert r.attempts == 1 and r.last_reply.startswith("250"), "no deferral: a fresh connection was made at once"
+    assert sm.sink.connections == 2 and len(sm.sink.messages) == 2
+
+
+async def _idle_pooled(sm: SendMesh) -> bool:
+    return any(sm.send.delivery.pool._idle.values())

@@ -15,6 +15,7 @@ import pytest
 from mailmesh_common.dns import Resolver
 from svc_ingest.checks.dkim import verify_dkim
 from svc_send.submission import SubmissionServer
+from tests.svc_mailbox.conftest import free_port
 from tests.svc_send.conftest import REMOTE, SendMesh, wait_for
 
 PASSWORD = "correct horse battery"
@@ -138,3 +139,29 @@ async def test_auth_needs_tls_when_the_loopback_exemption_is_off(sm: SendMesh) -
     assert not advertised
     assert plain[0] == 538
     assert code == 235
+
+
+async def test_implicit_tls_submission_authenticates_at_once_and_sends(sm: SendMesh) -> None:
+    assert sm.settings is not None
+    tls_settings = dataclasses.replace(sm.settings, submission_port=0, submissions_port=free_port(),
+                                       submission_auth_loopback_plaintext=False)
+    live = sm.send.submission
+    server = SubmissionServer(tls_settings, live.outbox, live.mailbox, live.tls_context, live.hostname)
+    await server.start()
+    try:
+        def run() -> tuple[Any, ...]:
+            with smtplib.SMTP_SSL("127.0.0.1", server.tls_port, timeout=20, context=_tls()) as s:
+                s.ehlo("desktop.example")
+                features = dict(s.esmtp_features)
+                code, _ = s.login("alice@example.com", PASSWORD)  # no STARTTLS needed: TLS from the start
+                refused = s.sendmail("alice@example.com", [f"dave@{REMOTE}"],
+                                     MESSAGE.replace("from my desktop client", "over port 465").encode())
+                return features, code, refused
+
+        features, code, refused = await asyncio.to_thread(run)
+    finally:
+        await server.close()
+    assert "starttls" not in features and "PLAIN" in features["auth"]
+    assert code == 235 and refused == {}
+    await wait_for(lambda: _got(sm), "the remote delivery")
+    assert b"Subject: over port 465" in sm.sink.messages[0].data
