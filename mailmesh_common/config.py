@@ -112,6 +112,10 @@ class Settings:
     gateway_login_failures_per_ip: int = 50  # failed logins per client IP per 15 min; more: 429
     gateway_max_request_bytes: int = 36 * 1024 * 1024  # REST request body limit (413 beyond)
     gateway_cors_origins: tuple[str, ...] = ()  # allowed CORS origins ("*" for any); empty: no CORS
+    gateway_ws_max_sockets_per_user: int = 10  # WebSocket /v1/events connections per user per gateway
+    gateway_ws_send_queue: int = 1000  # events queued for one socket; more: the slow client is closed (4408)
+    gateway_ws_send_timeout_s: float = 10.0  # a frame not taken by the client in this long: closed (4408)
+    gateway_ws_heartbeat_s: float = 25.0  # heartbeat frame after this much quiet; the token is re-checked too
     extra: Mapping[str, str] = field(default_factory=dict)
 
     # --- derived -------------------------------------------------------------------------

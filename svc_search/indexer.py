@@ -31,9 +31,9 @@ from nats.js import JetStreamContext
 
 from mailmesh_common import streams, telemetry
 from mailmesh_common.errors import MailmeshError, Unavailable
+from mailmesh_common.mailboxclient import MailboxClient
 from svc_search.backends.base import Key
 from svc_search.documents import SearchDocument, from_message
-from svc_search.mailbox import MailboxClient
 from svc_search.store import EVERYTHING, DocStore
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class Indexer:
         async def one(key: Key) -> None:
             async with sem:
                 try:
-                    out[key] = await self.mailbox.get_message(*key)
+                    out[key] = await self.mailbox.find_message(*key, types_pb2.MESSAGE_FORMAT_FULL)
                 except MailmeshError as exc:
                     out[key] = exc
 
@@ -262,7 +262,7 @@ class Indexer:
             cur = state.get(key)
             if cur is None:
                 # not indexed (an index rebuilt from an older point, or a lost add): read it
-                self._put_fetched(key, await self.mailbox.get_message(*key), state, dirty)
+                self._put_fetched(key, await self.mailbox.find_message(*key, types_pb2.MESSAGE_FORMAT_FULL), state, dirty)
             elif c.modseq > cur.modseq:
                 state[key] = cur.with_state(labels=list(c.label_ids), unread=c.unread, starred=c.starred,
                                             modseq=c.modseq, thread_id=c.thread_id)

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from mailmesh_common import telemetry
 from mailmesh_common.errors import MailmeshError, Unavailable
+from mailmesh_common.mailboxclient import MailboxClient
 from svc_search.backends.base import Backend
-from svc_search.mailbox import MailboxClient
 from svc_search.reindex import Progress, Reindexer
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Rebuilder:
         log.warning("search index: %s; rebuilding every user's documents from the mailbox", reason)
         with telemetry.tracer().start_as_current_span("search.rebuild", attributes={"mailmesh.reason": reason}) as span:
             ok, _ = await self._retrying(stop, lambda: self.backend.begin_rebuild(reason), "record the rebuild")
-            ok, users = await self._retrying(stop, self.mailbox.users, "list the mailbox's users")
+            ok, users = await self._retrying(stop, self.mailbox.user_ids, "list the mailbox's users")
             if not ok or users is None:
                 return
             users = [u for u in users if self.backend.needs_rebuild(u)]

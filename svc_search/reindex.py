@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from mailmesh_common.errors import NotFound
+from mailmesh_common.mailboxclient import MailboxClient
 from mailmesh_common.mime import parse_message
 from svc_search.documents import SearchDocument, fill_full, from_message
-from svc_search.mailbox import MailboxClient
 from svc_search.store import EVERYTHING, DocStore
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Reindexer:
 
     async def run(self, users: list[str] | None) -> AsyncIterator[Progress]:
         """Rebuilds `users` (every user of the mailbox when None), yielding progress."""
-        todo = users if users is not None else await self.mailbox.users()
+        todo = users if users is not None else await self.mailbox.user_ids()
         p = Progress()
         for user in todo:
             p.user_id = user
@@ -64,7 +64,7 @@ class Reindexer:
     async def user(self, user: str, p: Progress) -> AsyncIterator[None]:
         generation = self._generation()
         try:
-            account = await self.mailbox.account(user)
+            account = await self.mailbox.get_account(user)
         except NotFound:
             # the account is gone (its account_deleted event removes them too): its documents
             # are all stale

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from mailmesh.v1 import search_service_pb2 as pb
 
 from mailmesh_common.errors import InvalidInput
+from mailmesh_common.mailboxclient import MailboxClient
 from svc_search.backends.base import Backend, Order
 from svc_search.documents import SearchDocument
-from svc_search.mailbox import MailboxClient
 from svc_search.pagetoken import PageState, PageTokens
 from svc_search.query import compile as qc
 from svc_search.query.ast import Plan
@@ -48,9 +48,9 @@ class SearchEngine:
         ctx = qc.Context(now=when)
         wanted = qc.needs(node)
         if "labels" in wanted:
-            ctx.labels = await self.mailbox.labels(user)
+            ctx.labels = [(lab.id, lab.name) for lab in await self.mailbox.list_labels(user)]
         if "me" in wanted:
-            ctx.my_addresses = list((await self.mailbox.account(user)).addresses)
+            ctx.my_addresses = list((await self.mailbox.get_account(user)).addresses)
         return Resolved(qc.resolve(node, ctx), when)
 
     async def search(self, user: str, request: pb.SearchRequest) -> pb.SearchResponse:

@@ -9,10 +9,10 @@ import logging
 
 from mailmesh.v1 import search_service_pb2_grpc as pb_grpc
 
+from mailmesh_common.mailboxclient import MailboxClient
 from mailmesh_common.service import ServiceContext, main
 from svc_search.backends import open_backend
 from svc_search.indexer import Indexer
-from svc_search.mailbox import MailboxClient
 from svc_search.pagetoken import PageTokens
 from svc_search.rebuild import Rebuilder
 from svc_search.reindex import Reindexer
@@ -22,12 +22,14 @@ from svc_search.store import DocStore
 
 log = logging.getLogger(__name__)
 
+MAILBOX_TIMEOUT_S = 15.0  # one call from svc_search to the mailbox service
+
 
 async def register(ctx: ServiceContext) -> None:
     backend = open_backend(ctx.settings)
     await backend.start()
     ctx.closers.append(backend.close)
-    mailbox = MailboxClient(ctx.settings)
+    mailbox = MailboxClient.connect(ctx.settings, timeout_s=MAILBOX_TIMEOUT_S)
     ctx.closers.append(mailbox.close)
     store = DocStore(backend)
     reindexer = Reindexer(store, mailbox)

@@ -76,7 +76,8 @@ TICK_S = 0.2
 # checked already; each joins this list with the issue that implements it:
 # ("svc_gateway", "HTTP", "http"), ("svc_gateway", "IMAP", "imap").
 SERVED_PROTOCOLS: tuple[tuple[str, str, str], ...] = (("svc_ingest", "SMTP", "smtp"),
-                                                      ("svc_send", "submission", "submission"))
+                                                      ("svc_send", "submission", "submission"),
+                                                      ("svc_gateway", "HTTP", "http"))
 
 
 class UpError(Exception):
@@ -249,9 +250,13 @@ class Supervisor:
         # checkout the command was started from
         self.components = [Component(NATS, self.nats.argv(), self.logs_dir / "nats.log", cwd=self.data_dir)]
         for name in SERVICES:
-            self.components.append(Component(
-                name, [sys.executable, "-m", name], self.logs_dir / f"{name}.log", env=env, cwd=self.data_dir,
-                grpc_addr=f"{self.settings.host}:{getattr(self.settings, service_key(name) + '_port')}"))
+            # svc_ingest may run as several processes sharing its ports (ingest_workers, SO_REUSEPORT)
+            workers = max(1, self.settings.ingest_workers) if name == "svc_ingest" else 1
+            for k in range(workers):
+                label = name if k == 0 else f"{name}-{k + 1}"
+                self.components.append(Component(
+                    label, [sys.executable, "-m", name], self.logs_dir / f"{label}.log", env=env, cwd=self.data_dir,
+                    grpc_addr=f"{self.settings.host}:{getattr(self.settings, service_key(name) + '_port')}"))
 
     @property
     def nats_component(self) -> Component:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 from nats.js import api as js_api
@@ -44,8 +45,10 @@ def test_up_prints_endpoints_and_every_service_is_serving(mailmesh_up: MeshProce
         assert f"127.0.0.1:{mailmesh_up.port(var)}" in out, var
         with socket.create_connection(("127.0.0.1", mailmesh_up.port(var)), timeout=10) as smtp:
             assert smtp.recv(512).startswith(b"220 "), var
-    for var in ("MAILMESH_HTTP_PORT", "MAILMESH_IMAP_PORT"):
-        assert f"127.0.0.1:{mailmesh_up.port(var)}" not in out, var
+    http = f"http://127.0.0.1:{mailmesh_up.port('MAILMESH_HTTP_PORT')}"
+    assert http in out
+    assert httpx.get(f"{http}/openapi.json", timeout=10).json()["openapi"].startswith("3.")
+    assert f"127.0.0.1:{mailmesh_up.port('MAILMESH_IMAP_PORT')}" not in out
     assert mailmesh_up.nats_url in out
     assert str(mailmesh_up.data_dir) in out
     endpoints = json.loads((mailmesh_up.data_dir / "endpoints.json").read_text())
