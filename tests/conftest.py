@@ -21,7 +21,10 @@ from typing import IO
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from mailmesh_common import telemetry
 from mailmesh_common.natsserver import NatsServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,3 +236,21 @@ def mailmesh_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProces
         yield m
     finally:
         m.stop()
+
+
+# --- spans ----------------------------------------------------------------------------------------
+
+_SPANS = InMemorySpanExporter()
+_spans_attached: list[bool] = []
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """Spans finished in this process from now on: one exporter for the whole session, attached
+    to whichever tracer provider the process has (installing the default one if none yet)."""
+    provider = telemetry.setup_telemetry("tests")
+    if not _spans_attached:
+        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+        _spans_attached.append(True)
+    _SPANS.clear()
+    return _SPANS

@@ -26,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mailmesh.v1 import mailbox_service_pb2 as mpb
 
 from mailmesh_common.config import Settings
+from mailmesh_common.grpcserver import PortInUse
 from mailmesh_common.service import ServiceContext, run_until_stopped, serve
 from svc_gateway.server import register as gateway_register
 from svc_gateway.state import GatewayState
@@ -154,7 +155,19 @@ async def _stop(ctx: ServiceContext) -> None:
 
 
 async def start_gateway(tmp: Any, nats_url: str, **overrides: object) -> Gateway:
-    """Starts mailbox, search, send and the gateway; `overrides` are settings (e.g. rate limits)."""
+    """Starts mailbox, search, send and the gateway; `overrides` are settings (e.g. rate limits).
+    A free port taken by someone else before we bound it (the machine's other connections use the
+    same ephemeral range) is retried with new ports."""
+    for attempt in range(3):
+        try:
+            return await _start_gateway(tmp, nats_url, **overrides)
+        except PortInUse:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _start_gateway(tmp: Any, nats_url: str, **overrides: object) -> Gateway:
     values = {**MESH_DEFAULTS, **overrides}
     mesh = await start_mesh(tmp, nats_url, search_port=free_port(), send_port=free_port(),
                             submission_port=free_port(), gateway_port=free_port(), http_port=free_port(),

@@ -20,7 +20,6 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from mailmesh_common import telemetry
 from svc_gateway import push
 from tests.svc_gateway.conftest import Gateway, raw_message, start_gateway, stop_gateway
 from tests.svc_mailbox.conftest import module_nats_url  # noqa: F401
@@ -547,17 +546,6 @@ async def test_history_too_old_or_too_new_is_404_full_sync(gateway: Gateway) -> 
 
 # --- tracing --------------------------------------------------------------------------------------
 
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    provider = telemetry.setup_telemetry("tests", extra_exporters=[_EXPORTER])
-    if _EXPORTER not in [getattr(p, "span_exporter", None) for p in
-                         provider._active_span_processor._span_processors]:  # noqa: SLF001
-        pytest.skip("another tracer provider was installed first in this process")
-    _EXPORTER.clear()
-    return _EXPORTER
 
 
 async def test_push_joins_the_trace_of_the_change(gateway: Gateway, spans: InMemorySpanExporter) -> None:

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mailmesh_common import telemetry
 from tests.svc_gateway.conftest import Gateway, raw_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -417,17 +416,6 @@ async def test_http_connections_disable_nagle(gateway: Gateway) -> None:
         assert socks and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks)
 
 
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    provider = telemetry.setup_telemetry("tests", extra_exporters=[_EXPORTER])
-    if _EXPORTER not in [getattr(p, "span_exporter", None) for p in
-                         provider._active_span_processor._span_processors]:  # noqa: SLF001
-        pytest.skip("another tracer provider was installed first in this process")
-    _EXPORTER.clear()
-    return _EXPORTER
 
 
 async def test_a_request_is_one_trace_from_http_to_the_mailbox(gateway: Gateway, spans: InMemorySpanExporter) -> None:

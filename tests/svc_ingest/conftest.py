@@ -73,14 +73,8 @@ def eicar() -> bytes:
 @pytest.fixture
 def span_exporter() -> Iterator[InMemorySpanExporter]:
     """Finished spans of this process. Adds a processor to the process's tracer provider,
-    installing it first if needed (together with svc_mailbox's tracing-test exporter, which
-    looks for its own exporter in the provider it finds)."""
-    extra: list[InMemorySpanExporter] = []
-    with contextlib.suppress(ImportError, AttributeError):
-        from tests.svc_mailbox import test_tracing
-
-        extra.append(test_tracing._EXPORTER)  # noqa: SLF001
-    provider = telemetry.setup_telemetry("tests", extra_exporters=extra)
+    installing it first if needed."""
+    provider = telemetry.setup_telemetry("tests")
     exporter = InMemorySpanExporter()
     processor = SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)

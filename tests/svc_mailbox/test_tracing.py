@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from mailmesh.v1 import events_pb2
 from mailmesh.v1 import mailbox_service_pb2 as pb
 from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
@@ -16,18 +15,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from mailmesh_common import auth, grpcclient, streams, telemetry
 from mailmesh_common.blobstore import BlobStore
 from tests.svc_mailbox.conftest import Mesh
-
-_EXPORTER = InMemorySpanExporter()
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    provider = telemetry.setup_telemetry("tests", extra_exporters=[_EXPORTER])
-    if _EXPORTER not in [getattr(p, "span_exporter", None) for p in
-                         provider._active_span_processor._span_processors]:  # noqa: SLF001
-        pytest.skip("another tracer provider was installed first in this process")
-    _EXPORTER.clear()
-    return _EXPORTER
 
 
 async def test_trace_follows_inbound_message_to_events(mesh: Mesh, users: dict[str, str],

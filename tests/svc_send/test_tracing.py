@@ -8,7 +8,6 @@ from mailmesh.v1 import types_pb2
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mailmesh_common import telemetry
-from tests.svc_mailbox.test_tracing import spans  # noqa: F401 (fixture: one exporter for the process)
 from tests.svc_send.conftest import REMOTE, SendMesh, wait_for
 
 
@@ -18,7 +17,7 @@ async def _delivered(sm: SendMesh, user: str, msg_id: str) -> bool:
 
 @pytest.mark.send_settings(undo_send_s=0.3)
 async def test_delivery_attempt_joins_the_trace_of_the_send(sm: SendMesh,
-                                                            spans: InMemorySpanExporter) -> None:  # noqa: F811
+                                                            spans: InMemorySpanExporter) -> None:
     alice = sm.users["alice"]
     with telemetry.tracer().start_as_current_span("client.send") as root:
         trace_id = root.get_span_context().trace_id
