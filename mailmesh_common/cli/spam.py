@@ -5,6 +5,12 @@ Both work directly on the spam model's KV store, so the mesh need not be running
 every svc_ingest replica reads). A folder holds one raw RFC 5322 message per file (an mbox
 `From ` first line is fine); subfolders are included, dot files skipped.
 
+`train` also fits the combiner (svc_ingest/spam/combine.py: how the model's indicators and the
+local rules make one score, and the cut at 0.1 % false positives) by cross-validation inside
+the folders it was given, stores it with the model, and prints the cross-validated figures;
+train on everything you have in one run so the fit sees it all (a run on fewer messages than
+the stored combiner was fitted on keeps the stored one unless --refit).
+
 `eval` scores every message through SpamFilter.classify, the function live mail goes through,
 with the same rules and threshold, and prints JSON: counts, detection rate, false-positive rate.
 Folder mail arrives without an SMTP session, so there are no SPF/DKIM/DMARC results and the
@@ -135,12 +141,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
 
-    async def go(flt: Any) -> tuple[int, int]:
-        spam_msgs, ham_msgs = await flt.train_many(_read_all(files), user_id=args.user or "")
-        return int(spam_msgs), int(ham_msgs)
+    async def go(flt: Any) -> tuple[int, int, Any]:
+        spam_msgs, ham_msgs = await flt.train_many(_read_all(files), user_id=args.user or "",
+                                                   fit=not args.user and not args.no_fit,
+                                                   refit=args.refit)
+        return int(spam_msgs), int(ham_msgs), (flt.fitted, flt.fit_note)
 
     try:
-        spam_msgs, ham_msgs = _with_filter(args, settings, go)
+        spam_msgs, ham_msgs, fit_result = _with_filter(args, settings, go)
     except ConfigError:
         raise
     except MailmeshError as exc:
@@ -150,9 +158,26 @@ def run_train(args: argparse.Namespace) -> int:
         "trained": {"ham": sum(1 for _, s in files if not s), "spam": sum(1 for _, s in files if s)},
         "model": {"spam_messages": spam_msgs, "ham_messages": ham_msgs},
         "user": args.user or "",
+        "combiner": _combiner_report(fit_result, args),
         "seconds": round(time.monotonic() - started, 1),
     }, indent=2))
     return 0
+
+
+def _combiner_report(result: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What train says about the combiner it fitted (or why it stored none)."""
+    fitted, note = result
+    if args.user:
+        return {"fitted": False, "why": "per-user training adjusts token counts only"}
+    if args.no_fit:
+        return {"fitted": False, "why": "--no-fit: the stored combiner is unchanged"}
+    if fitted is None:
+        return {"fitted": False, "why": note}
+    cv = fitted.cv
+    return {"fitted": True, "cut": round(fitted.cut, 4),
+            "cross_validation": {"folds": 5, "spam": int(cv.get("spam", 0)), "ham": int(cv.get("ham", 0)),
+                                 "detection_rate": cv.get("detection_rate"),
+                                 "false_positive_rate": cv.get("false_positive_rate")}}
 
 
 async def _bounded(items: list[T], limit: int, fn: Callable[[T], Awaitable[Any]]) -> list[Any]:
@@ -182,15 +207,16 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
 
-    async def go(flt: Any) -> tuple[list[Any], Any, float]:
+    async def go(flt: Any) -> tuple[list[Any], Any, float, bool]:
         async def one(item: tuple[Path, bool]) -> Any:
             return await flt.classify(item[0].read_bytes(), auth=None, user_id=args.user or "")
 
         verdicts = await _bounded(files, EVAL_CONCURRENCY, one)
-        return verdicts, await flt.counts(), flt.threshold
+        has_combiner = await flt.combiner() is not None
+        return verdicts, await flt.counts(), flt.threshold, has_combiner
 
     try:
-        verdicts, counts, threshold = _with_filter(args, settings, go)
+        verdicts, counts, threshold, has_combiner = _with_filter(args, settings, go)
     except ConfigError:
         raise
     except MailmeshError as exc:
@@ -207,6 +233,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "false_positive_rate": _rate(fp, n_ham),
         "threshold": threshold,
         "model": {"spam_messages": counts.spam, "ham_messages": counts.ham},
+        "combiner": has_combiner,
         "auth": AUTH_NOTE,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -236,6 +263,10 @@ def add_spam_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     ssub = spam.add_subparsers(dest="spam_command", metavar="COMMAND")
     p = ssub.add_parser("train", help="learn from folders of raw ham and spam messages")
     _common(p)
+    p.add_argument("--no-fit", action="store_true",
+                   help="only count tokens; keep the stored combiner (default: refit it on these folders)")
+    p.add_argument("--refit", action="store_true",
+                   help="store the new fit even if the stored combiner was fitted on more messages")
     p.set_defaults(func=run_train)
     p = ssub.add_parser("eval", help="score folders of raw messages as live mail is scored; print JSON")
     _common(p)

@@ -3,6 +3,8 @@
     tokenizer.py  raw message -> headers, links, relays, tokens
     bayes.py      token counts in the KV store; Robinson f(w) + Fisher chi-squared combining
     rules.py      weighted local rules and SPF/DKIM/DMARC results
+    combine.py    the learned combiner: logistic regression over the model's per-group
+                  evidence and the rule hits, fitted by `mailmesh spam train`, stored with the model
     filter.py     SpamFilter: classify / train / headers (what the SMTP pipeline calls)
     feedback.py   EVENTS consumer: a user adding or removing SPAM trains the model
 

@@ -1,15 +1,29 @@
 """The spam filter as the ingest pipeline, the gRPC servicer and `mailmesh spam eval` call it:
-one score from the Bayesian token model plus weighted rules, compared with a threshold.
+one score from the Bayesian token model and the rules, compared with a threshold.
+
+With a fitted combiner (combine.py; `mailmesh spam train` fits it on the folders it learns and
+stores it with the model):
+
+    score = DEFAULT_THRESHOLD + POINTS_PER_LOGIT * (z - cut)  +  fixed rule points
+
+where z is the regression's log-odds over the model's chi-squared evidence (over all tokens,
+and spam and ham evidence per token group) and the local rules it learned, and `cut` the
+log-odds that cross-validation
+inside the training folders chose for at most 0.1 % false positives. So the tuned cut sits at
+the default threshold 5.0; a message in the unsure region between the ham and spam clusters
+lands one point from 5.0 per unit of log-odds from the cut, and a configured threshold above
+or below 5.0 makes the filter more lenient or stricter from there. Fixed points: the
+SPF/DKIM/DMARC rules (never learnable from folder mail) and local rules that fired too rarely
+in training to learn.
+
+Without a combiner (a model trained one message at a time, e.g. only through feedback):
 
     score = BAYES_MIN + (BAYES_MAX - BAYES_MIN) * P  +  sum(rule weights)
 
-where P is the chi-squared indicator of the token model (0 ham .. 1 spam; see bayes.py). With
-the defaults a message the model is sure about (P = 1) scores 6.0 before rules, one it is sure
-is ham -3.0, an unsure one (P = 0.5) 1.5; the default threshold 5.0 needs P >= 0.89 alone, or
-rule hits on top of weaker evidence. While the model has fewer than `min_trained` spam or ham
-messages it abstains and only the rules count. The mapping was chosen by 5-fold
-cross-validation inside the training part of the development corpus (never the held-out
-part): at 5.0 it caught 96.5 % of spam with 0.36 % false positives there; rules moved little.
+where P is the chi-squared indicator over all tokens (0 ham .. 1 spam; see bayes.py): a
+message the model is sure about (P = 1) scores 6.0 before rules, one it is sure is ham -3.0, an
+unsure one 1.5. While the model has fewer than `min_trained` spam or ham messages it abstains
+and only the rules count.
 
 Mail at or above the threshold is delivered to SPAM with X-Spam-Score / X-Spam-Status headers
 (accept-then-filter: nothing is rejected, so there is no backscatter).
@@ -20,20 +34,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from mailmesh_common.kv import Database, Subspace
+from mailmesh_common.telemetry import tracer
+from svc_ingest.spam import combine
 from svc_ingest.spam.bayes import BayesModel, BayesResult, Counts, TrainItem
-from svc_ingest.spam.rules import DEFAULT_WEIGHTS, AuthSummary, RuleHit, evaluate
+from svc_ingest.spam.rules import DEFAULT_WEIGHTS, LOCAL_RULES, AuthSummary, RuleHit, evaluate
 from svc_ingest.spam.tokenizer import Analysis, analyze
 
-__all__ = ["BAYES_MAX", "BAYES_MIN", "DEFAULT_THRESHOLD", "AuthSummary", "SpamFilter", "Verdict",
-           "message_key", "train_features"]
+__all__ = ["BAYES_MAX", "BAYES_MIN", "DEFAULT_THRESHOLD", "POINTS_PER_LOGIT", "AuthSummary",
+           "SpamFilter", "Verdict", "learn_features", "message_key", "train_features"]
 
 DEFAULT_THRESHOLD = 5.0
 BAYES_MIN = -3.0
 BAYES_MAX = 6.0
+POINTS_PER_LOGIT = 1.0  # score points per unit of the combiner's log-odds
 # Test names for the model's probability, as SpamAssassin names its BAYES_* bands.
 _BANDS = ((0.01, "BAYES_00"), (0.05, "BAYES_05"), (0.20, "BAYES_20"), (0.40, "BAYES_40"),
           (0.60, "BAYES_50"), (0.80, "BAYES_60"), (0.95, "BAYES_80"), (0.99, "BAYES_95"),
@@ -79,6 +97,14 @@ def train_features(raw: bytes) -> tuple[str, list[str]]:
     return message_key(analysis), analysis.tokens
 
 
+def learn_features(raw: bytes) -> tuple[str, list[str], list[str]]:
+    """(message key, tokens, local rule hits) of a raw message: what training and fitting the
+    combiner need (picklable, for worker processes)."""
+    analysis = analyze(raw)
+    hits = [h.name for h in evaluate(analysis, None) if h.name in LOCAL_RULES]
+    return message_key(analysis), analysis.tokens, hits
+
+
 class SpamFilter:
     """Scores and learns mail. Token counts live in the KV store (shared by every replica)."""
 
@@ -93,6 +119,9 @@ class SpamFilter:
         # Where parsing and tokenizing run (CPU work kept off the event loop): the default
         # thread pool, or e.g. a process pool for bulk training.
         self.executor = executor
+        self.fitted: combine.Combiner | None = None  # what the last train_many(fit=True) stored
+        self.fit_note = ""  # why it stored none
+        self._parsed: tuple[bytes, combine.Combiner | None] | None = None
 
     async def analyze(self, raw: bytes) -> Analysis:
         """Parse and tokenize off the event loop."""
@@ -109,16 +138,38 @@ class SpamFilter:
               auth: AuthSummary | None = None) -> Verdict:
         """Combine the model's result and the rules into a Verdict (pure)."""
         hits: list[RuleHit] = evaluate(analysis, auth, weights=self.weights)
-        score = sum(h.points for h in hits)
         tests = [h.name for h in hits]
-        if bayes.ready:
-            score += BAYES_MIN + (BAYES_MAX - BAYES_MIN) * bayes.probability
+        comb = self._combiner(bayes.combiner) if bayes.ready else None
+        if comb is not None:
+            x = combine.features(bayes.probability, {g: (sp, hm) for g, sp, hm in bayes.parts}, tests)
+            score = DEFAULT_THRESHOLD + POINTS_PER_LOGIT * (comb.log_odds(x) - comb.cut)
+            score += sum(h.points for h in hits if not (h.name in LOCAL_RULES and comb.learned(h.name)))
             tests.insert(0, bayes_test(bayes.probability))
+        else:
+            score = sum(h.points for h in hits)
+            if bayes.ready:
+                score += BAYES_MIN + (BAYES_MAX - BAYES_MIN) * bayes.probability
+                tests.insert(0, bayes_test(bayes.probability))
         score = round(score, 2) + 0.0  # no "-0.0"
         is_spam = round(score, 1) >= self.threshold
         status = (f"{'Yes' if is_spam else 'No'}, score={score:.1f} required={self.threshold:.1f} "
                   f"tests={','.join(sorted(tests)) or 'none'}")
         return Verdict(score=score, is_spam=is_spam, status=status)
+
+    async def combiner(self) -> combine.Combiner | None:
+        """The stored combiner this filter scores with, or None (the fixed mapping)."""
+        return self._combiner(await self.model.combiner())
+
+    def _combiner(self, value: bytes | None) -> combine.Combiner | None:
+        """The stored combiner, parsed once per stored value."""
+        if value is None:
+            return None
+        cached = self._parsed
+        if cached is not None and cached[0] == value:
+            return cached[1]
+        parsed = combine.Combiner.from_bytes(value)
+        self._parsed = (value, parsed)
+        return parsed
 
     async def train(self, raw: bytes, *, is_spam: bool, user_id: str = "") -> tuple[int, int]:
         """Learn one message as spam or ham in the global model (and the user's adjustments
@@ -136,26 +187,40 @@ class SpamFilter:
                                       user_ids=scopes)
 
     async def train_many(self, items: Iterable[tuple[bytes, bool]] | AsyncIterator[tuple[bytes, bool]],
-                         *, user_id: str = "", batch: int = 256) -> tuple[int, int]:
+                         *, user_id: str = "", batch: int = 256, fit: bool = False,
+                         refit: bool = False) -> tuple[int, int]:
         """train() for many (raw, is_spam) messages: analysed `batch` at a time on the executor
         while the previous batch is written, each batch in as few bounded transactions as
-        possible. Same tokens, keys and idempotency as train(). Returns the global counts."""
+        possible. Same tokens, keys and idempotency as train(). Returns the global counts.
+
+        With fit (global training only), the combiner is then fitted on these messages
+        (combine.fit, cross-validated inside them) and stored with the model (see
+        fit_combiner); self.fitted holds it, or None with the reason in self.fit_note."""
         loop = asyncio.get_running_loop()
         scopes = ("", user_id) if user_id else ("",)
         writing: asyncio.Task[int] | None = None
+        fit = fit and not user_id
+        fit_items: list[combine.FitItem] = []
+        self.fitted = None
 
-        async def flush(pending: list[tuple[asyncio.Future[tuple[str, list[str]]], bool]]) -> None:
+        async def flush(pending: list[tuple[asyncio.Future[tuple[str, list[str], list[str]]], bool]]) -> None:
             nonlocal writing
-            done = [TrainItem(*(await fut), is_spam) for fut, is_spam in pending]
+            done = []
+            for fut, is_spam in pending:
+                key, tokens, hits = await fut
+                done.append(TrainItem(key, tokens, is_spam))
+                if fit and len(fit_items) < combine.MAX_FIT_MESSAGES:
+                    # interned: messages share most tokens, so the fit's copies stay small
+                    fit_items.append(combine.FitItem(key, [sys.intern(t) for t in tokens], is_spam, hits))
             if writing is not None:
                 await writing
             writing = asyncio.create_task(self.model.train_batch(done, user_ids=scopes))
 
-        pending: list[tuple[asyncio.Future[tuple[str, list[str]]], bool]] = []
+        pending: list[tuple[asyncio.Future[tuple[str, list[str], list[str]]], bool]] = []
         source = items if isinstance(items, AsyncIterator) else _aiter(items)
         try:
             async for raw, is_spam in source:
-                pending.append((loop.run_in_executor(self.executor, train_features, raw), is_spam))
+                pending.append((loop.run_in_executor(self.executor, learn_features, raw), is_spam))
                 if len(pending) >= batch:
                     await flush(pending)
                     pending = []
@@ -166,8 +231,37 @@ class SpamFilter:
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
+        if fit:
+            await self.fit_combiner(fit_items, replace=refit)
         counts = await self.model.counts()
         return counts.spam, counts.ham
+
+    async def fit_combiner(self, items: list[combine.FitItem], *,
+                           replace: bool = False) -> combine.Combiner | None:
+        """Fit the combiner on these messages and store it, returning it; CPU work runs in a
+        worker thread. Stores nothing (None, reason in self.fit_note) when a class has too few
+        messages, or when the stored combiner was fitted on more messages than these (a small
+        training run must not undo a fit on the full corpus) unless `replace`."""
+        self.fitted, self.fit_note = None, ""
+        with tracer(__name__).start_as_current_span("spam.fit_combiner") as span:
+            span.set_attribute("mailmesh.spam.messages", len(items))
+            fitted = await asyncio.get_running_loop().run_in_executor(None, combine.fit, items)
+            if fitted is None:
+                self.fit_note = (f"too few messages of a class to cross-validate (fewer than "
+                                 f"{combine.MIN_PER_CLASS}); the stored combiner, if any, is unchanged")
+                return None
+            stored = await self.combiner()
+            if stored is not None and not replace and stored.messages > fitted.messages:
+                self.fit_note = (f"fitted on {fitted.messages} messages, fewer than the stored combiner's "
+                                 f"{stored.messages}: kept the stored one (--refit replaces it)")
+                span.set_attribute("mailmesh.spam.kept_stored", True)
+                return None
+            await self.model.set_combiner(fitted.to_bytes())
+            for name, value in fitted.cv.items():
+                if not name.startswith("hits:"):
+                    span.set_attribute(f"mailmesh.spam.cv.{name}", value)
+            self.fitted = fitted
+            return fitted
 
     async def counts(self, user_id: str = "") -> Counts:
         """Messages trained as spam and ham (global, or one user's adjustments)."""

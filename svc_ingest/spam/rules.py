@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 from svc_ingest.spam.tokenizer import Analysis, host_of, registered_domain
 
-__all__ = ["DEFAULT_WEIGHTS", "AuthSummary", "RuleHit", "evaluate"]
+__all__ = ["AUTH_RULES", "DEFAULT_WEIGHTS", "LOCAL_RULES", "AuthSummary", "RuleHit", "evaluate"]
 
 DEFAULT_WEIGHTS: Mapping[str, float] = {
     "FROM_NAME_DOMAIN_MISMATCH": 1.0,
@@ -47,6 +47,13 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "DKIM_VALID": -0.1,
     "DMARC_PASS": -0.3,
 }
+
+# Rules judged from the message alone: their weights are learned with the Bayesian model's
+# scores (combine.py) when `mailmesh spam train` saw them fire often enough; the DEFAULT_WEIGHTS
+# points count otherwise. The authentication rules need an SMTP session and keep their points.
+AUTH_RULES = ("SPF_FAIL", "SPF_SOFTFAIL", "DKIM_FAIL", "DMARC_FAIL", "SPF_PASS", "DKIM_VALID",
+              "DMARC_PASS")
+LOCAL_RULES = tuple(name for name in DEFAULT_WEIGHTS if name not in AUTH_RULES)
 
 SUBJ_CAPS_MIN_LETTERS = 10
 LITTLE_TEXT_CHARS = 300  # visible characters below which an HTML-only body is "little text"

@@ -64,6 +64,10 @@ def test_train_then_eval_prints_counts_and_rates(tmp_path: Path, folders: dict[s
     assert out["trained"] == {"ham": 26, "spam": 24}
     assert out["model"] == {"spam_messages": 24, "ham_messages": 26}
     assert (data / "ingest.db").is_file()
+    combiner = out["combiner"]
+    assert isinstance(combiner, dict) and combiner["fitted"] is True
+    assert combiner["cross_validation"] == {"folds": 5, "spam": 24, "ham": 26, "detection_rate": 1.0,
+                                            "false_positive_rate": 0.0}
 
     code, report, _ = run(capsys, "eval", "--ham", str(folders["held_ham"]), "--spam",
                           str(folders["held_spam"]), "--data-dir", str(data))
@@ -72,6 +76,7 @@ def test_train_then_eval_prints_counts_and_rates(tmp_path: Path, folders: dict[s
     assert report["spam"] == {"messages": 6, "flagged_spam": 6, "missed": 0}
     assert report["detection_rate"] == 1.0 and report["false_positive_rate"] == 0.0
     assert report["threshold"] == 5.0
+    assert report["combiner"] is True  # scored with the combiner train fitted
     assert "not checked" in str(report["auth"])
     assert "misclassified" not in report and "warning" not in report
     assert model_counts(data) == (24, 26)  # eval never trains
@@ -86,6 +91,25 @@ def test_training_twice_changes_nothing(tmp_path: Path, folders: dict[str, Path]
     # the same messages filed the other way round move between classes
     code, out, _ = run(capsys, "train", "--spam", str(folders["ham"]), "--data-dir", str(data))
     assert code == 0 and out["model"] == {"spam_messages": 50, "ham_messages": 0}
+
+
+def test_no_fit_and_user_training_keep_the_stored_combiner(tmp_path: Path, folders: dict[str, Path],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    code, out, _ = run(capsys, "train", "--ham", str(folders["ham"]), "--spam", str(folders["spam"]),
+                       "--data-dir", str(data), "--no-fit")
+    assert code == 0 and out["combiner"]["fitted"] is False  # type: ignore[index]
+    code, report, _ = run(capsys, "eval", "--ham", str(folders["held_ham"]), "--spam",
+                          str(folders["held_spam"]), "--data-dir", str(data))
+    assert code == 0 and report["combiner"] is False  # fixed mapping, still classifies
+    assert report["detection_rate"] == 1.0 and report["false_positive_rate"] == 0.0
+    code, out, _ = run(capsys, "train", "--spam", str(folders["held_spam"]), "--user", "u-1",
+                       "--data-dir", str(data))
+    assert code == 0 and "per-user" in str(out["combiner"])
+    code, out, _ = run(capsys, "train", "--ham", str(folders["held_ham"]), "--spam", str(folders["held_spam"]),
+                       "--data-dir", str(data))
+    assert code == 0 and out["combiner"]["fitted"] is False  # type: ignore[index]
+    assert "too few messages" in out["combiner"]["why"]  # type: ignore[index]
 
 
 def test_eval_threshold_details_and_untrained_warning(tmp_path: Path, folders: dict[str, Path],

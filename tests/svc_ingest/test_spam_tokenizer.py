@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 from svc_ingest.spam.tokenizer import (
+    GROUPS,
     MAX_TOKEN_CHARS,
     MAX_TOKENS,
     analyze,
@@ -13,6 +14,7 @@ from svc_ingest.spam.tokenizer import (
     registered_domain,
     relays_of,
     split_headers,
+    token_group,
 )
 
 PLAIN = (b"Return-Path: <offers@deals.example>\n"
@@ -149,3 +151,14 @@ def test_url_hosts_and_registered_domains() -> None:
     assert registered_domain("a.b.example.com") == "example.com"
     assert registered_domain("shop.example.co.uk") == "example.co.uk"
     assert registered_domain("10.1.2.3") == "10.1.2.3"
+
+
+def test_every_token_falls_in_one_scored_group() -> None:
+    toks = tokens(PLAIN) + tokens(HTML_ONLY)
+    groups = {t: token_group(t) for t in toks}
+    assert set(groups.values()) == set(GROUPS)
+    assert groups["from:addr:deals.example"] == groups["received:203.0"] == "header"
+    assert groups["x-mailer:supermailer 2.0"] == groups["message-id:@deals.example"] == "header"
+    assert groups["subject:cheap"] == groups["watches"] == "content"
+    assert groups["content-type:text/plain"] == groups["body:html-only"] == "structure"
+    assert any(g == "structure" for t, g in groups.items() if t.startswith("url:"))
