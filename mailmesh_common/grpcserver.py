@@ -125,7 +125,8 @@ class GrpcServer:
                           MeshInterceptor(settings.token(), settings.grpc_default_deadline_s)],
             options=[("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
                      ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-                     ("grpc.so_reuseport", 0)],
+                     # exclusive, except for svc_ingest's workers sharing its port (ingest_workers)
+                     ("grpc.so_reuseport", int(name == "svc_ingest" and settings.ingest_workers > 1))],
         )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

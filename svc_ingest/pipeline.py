@@ -23,6 +23,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -39,8 +40,9 @@ from mailmesh_common import auth
 from mailmesh_common.config import Settings
 from mailmesh_common.dns import Resolver
 from mailmesh_common.errors import MailmeshError, Unavailable
+from mailmesh_common.mime import MailAddress, ParsedMessage
 from svc_ingest import replies
-from svc_ingest.checks import authres, dkim, dmarc, spf
+from svc_ingest.checks import authres, dkim, dmarc, rdns, spf
 from svc_ingest.checks.dkim import DkimResult
 from svc_ingest.checks.dmarc import DmarcResult
 from svc_ingest.checks.spf import SpfResult
@@ -52,6 +54,8 @@ from svc_ingest.spam.filter import AuthSummary, SpamFilter
 log = logging.getLogger(__name__)
 
 RECIPIENT_CHECK_TIMEOUT_S = 10.0
+RECIPIENT_CACHE_TTL_S = 5.0
+RECIPIENT_CACHE_ENTRIES = 10_000
 MAX_HELO_CHARS = 255
 
 
@@ -93,13 +97,44 @@ class RecipientCheck:
 
 
 class Recipients:
-    """Recipient checks against svc_mailbox's ResolveRecipient (a system call: no acting user)."""
+    """Recipient checks against svc_mailbox's ResolveRecipient (a system call: no acting user).
 
-    def __init__(self, stub: mb_grpc.MailboxServiceStub, timeout_s: float = RECIPIENT_CHECK_TIMEOUT_S) -> None:
+    A local user found is remembered for `cache_ttl_s` (with the largest message size it was
+    found able to take), so a burst of mail to the same people asks the mailbox once; unknown
+    users, foreign domains, full mailboxes and failures are never remembered. The price: an
+    account deleted in the last few seconds may still get a 250 (its message is then dropped
+    at delivery with an error logged, as for an account deleted after RCPT)."""
+
+    def __init__(self, stub: mb_grpc.MailboxServiceStub, timeout_s: float = RECIPIENT_CHECK_TIMEOUT_S, *,
+                 cache_ttl_s: float = RECIPIENT_CACHE_TTL_S, cache_entries: int = RECIPIENT_CACHE_ENTRIES) -> None:
         self.stub = stub
         self.timeout_s = timeout_s
+        self.cache_ttl_s = cache_ttl_s
+        self.cache_entries = cache_entries
+        # address -> (expires at (monotonic), largest size accepted, the check)
+        self._cache: OrderedDict[str, tuple[float, int, RecipientCheck]] = OrderedDict()
 
     async def check(self, address: str, size: int = 0) -> RecipientCheck:
+        key = address.lower()
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None:
+            expires, max_size, cached = hit
+            if now < expires and size <= max_size:
+                return cached
+            if now >= expires:
+                del self._cache[key]
+        result = await self._ask(address, size)
+        if result.reply is replies.RECIPIENT_OK and self.cache_ttl_s > 0 and self.cache_entries > 0:
+            prior = self._cache.get(key)
+            biggest = max(size, prior[1]) if prior is not None and now < prior[0] else size
+            self._cache[key] = (now + self.cache_ttl_s, biggest, result)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_entries:
+                self._cache.popitem(last=False)
+        return result
+
+    async def _ask(self, address: str, size: int) -> RecipientCheck:
         tok = auth.set_acting_user(None)
         try:
             resp = await self.stub.ResolveRecipient(
@@ -141,6 +176,8 @@ class Envelope:
     smtputf8: bool = False
     tls: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the session used STARTTLS
     ingest_id: str = ""  # preset for idempotent injection; generated otherwise
+    # the client's forward-confirmed reverse DNS name ("" none); None: not looked up yet
+    client_name: str | None = None
 
     @property
     def trusted(self) -> bool:
@@ -223,15 +260,28 @@ def line_ending(raw: bytes) -> bytes:
     return b"\n" if nl > 0 and raw[nl - 1:nl] != b"\r" else b"\r\n"
 
 
+# A From of one plain address, bare or with an unquoted display name: by far the most common
+# form, read without the (slow) structured header parser.
+_PLAIN_FROM = re.compile(
+    rb"(?:(?:[A-Za-z0-9_-]+ )*[A-Za-z0-9_-]+ ?)?<[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?P<d1>[A-Za-z0-9.-]+)>"
+    rb"|[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@(?P<d2>[A-Za-z0-9.-]+)")
+
+
 def header_from_domain(raw: bytes) -> str:
     """The RFC 5322.From domain DMARC evaluates ("" when there is no single usable one)."""
     head = raw[:header_end(raw)]
+    froms = [f for f in header_fields(head) if field_name(f) == b"from"]
+    if len(froms) != 1:
+        return ""
+    plain = _PLAIN_FROM.fullmatch(b" ".join(froms[0].partition(b":")[2].split()))
+    if plain is not None:
+        return (plain.group("d1") or plain.group("d2")).decode("ascii").rstrip(".").lower()
     try:
         msg = BytesHeaderParser(policy=default_policy).parsebytes(head + b"\r\n\r\n")
-        froms = msg.get_all("From") or []
-        if len(froms) != 1:
+        parsed = msg.get_all("From") or []
+        if len(parsed) != 1:
             return ""
-        addresses = froms[0].addresses
+        addresses = parsed[0].addresses
         if len(addresses) != 1:
             return ""
         return str(addresses[0].domain).strip().rstrip(".").lower()
@@ -263,7 +313,9 @@ def received_header(env: Envelope, ingest_id: str, hostname: str, when: float) -
             literal = f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
         except ValueError:
             literal = f"[{_clean(env.client_ip, 64)}]"
-        origin = f"from {_clean(env.helo) or 'unknown'} ({literal})"
+        # RFC 5321 4.4 TCP-info: "Domain FWS address-literal" when the PTR name is confirmed
+        name = _clean(env.client_name or "", 253)
+        origin = f"from {_clean(env.helo) or 'unknown'} ({name + ' ' if name else ''}{literal})"
     else:
         origin = f"from {_clean(env.helo) or 'internal'}"
     if env.source in (events_pb2.MESSAGE_SOURCE_SMTP, events_pb2.MESSAGE_SOURCE_UNSPECIFIED):
@@ -290,6 +342,42 @@ def prepend_headers(raw: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
     return block + raw
 
 
+# --- the parsed summary ---------------------------------------------------------------------------
+
+SUMMARY_ADDRESSES = 200  # per field, as the mailbox record keeps them
+SUMMARY_IDS = 100
+SUMMARY_WARNINGS = 20
+_TRUNCATED = ("text body truncated", "HTML body truncated")
+
+
+def _summary_addresses(out: object, addrs: Sequence[MailAddress]) -> None:
+    for a in list(addrs)[:SUMMARY_ADDRESSES]:
+        out.add(name=a.name[:500], email=a.email[:320])  # type: ignore[attr-defined]
+
+
+def parsed_summary(p: ParsedMessage) -> events_pb2.ParsedSummary | None:
+    """What the mailbox's record needs of a parsed message, bounded like that record; None
+    when the parse cut a body short (its snippet or warnings could then differ from the
+    mailbox's own parse, which is left to do it)."""
+    if any(w.startswith(_TRUNCATED) for w in p.parse_warnings):
+        return None
+    s = events_pb2.ParsedSummary(
+        subject=p.subject[:2000], message_id=p.message_id[:900], snippet=p.snippet[:200],
+        has_attachments=p.has_attachments, in_reply_to=[i[:900] for i in p.in_reply_to[:SUMMARY_IDS]],
+        references=[i[:900] for i in p.references[-SUMMARY_IDS:]],
+        parse_warnings=[w[:300] for w in p.parse_warnings[:SUMMARY_WARNINGS]])
+    for name in ("from", "reply_to", "to", "cc", "bcc"):
+        _summary_addresses(getattr(s, name), getattr(p, "from_" if name == "from" else name))
+    if p.sender is not None:
+        s.sender.name, s.sender.email = p.sender.name[:500], p.sender.email[:320]
+    if p.date is not None:
+        try:
+            s.date.FromDatetime(p.date)
+        except (ValueError, OverflowError):
+            s.ClearField("date")
+    return s
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 
 class Pipeline:
@@ -307,8 +395,13 @@ class Pipeline:
         self.authserv_id = settings.authserv_id or hostname
         self.max_bytes = settings.max_message_bytes
         self.max_received = settings.max_received_headers
+        self.rdns_timeout_s = rdns.RDNS_TIMEOUT_S
 
     # -- steps --
+    async def reverse_name(self, ip: str) -> str:
+        """The client's forward-confirmed reverse DNS name, "" when none (bounded; never fails)."""
+        return await rdns.verified_name(self.resolver, ip, timeout_s=self.rdns_timeout_s)
+
     def check_limits(self, raw: bytes) -> None:
         if len(raw) > self.max_bytes:
             raise Refused(replies.MESSAGE_TOO_BIG)
@@ -359,20 +452,28 @@ class Pipeline:
             raise Refused(replies.virus_found(result.signature))
 
     async def classify(self, raw: bytes, env: Envelope, outcome: AuthOutcome) -> tuple[
-            events_pb2.SpamVerdict | None, list[tuple[str, str]]]:
+            events_pb2.SpamVerdict | None, list[tuple[str, str]], ParsedMessage | None]:
+        """The spam verdict, its headers, and the filter's parse of the message (reused for the
+        ParsedSummary, so the message is parsed once on its way to the mailbox)."""
         if self.spam_filter is None or env.trusted:
-            return None, []
+            return None, [], None
         summary = AuthSummary(outcome.spf.result, dkim_summary(outcome.dkim), outcome.dmarc.result)
         user_id = env.user_ids[0] if len(set(env.user_ids)) == 1 else ""
+        f = self.spam_filter
         try:
-            verdict = await self.spam_filter.classify(raw, auth=summary, user_id=user_id)
+            # SpamFilter.classify in its three steps, keeping the analysis it parsed
+            analysis = await f.analyze(raw)
+            bayes = await f.model.score(analysis.tokens, user_id)
+            verdict = f.judge(analysis, bayes, summary)
         except Exception:
             # accept-then-filter: a broken filter must not stop the mail; it lands unscored
             log.exception("spam filter failed; delivering unscored")
-            return None, []
-        headers = [(str(n), str(v)) for n, v in self.spam_filter.headers(verdict)]
+            return None, [], None
+        headers = [(str(n), str(v)) for n, v in f.headers(verdict)]
+        parsed = getattr(analysis, "parsed", None)
         return events_pb2.SpamVerdict(score=float(verdict.score), is_spam=bool(verdict.is_spam),
-                                      status=str(verdict.status)), headers
+                                      status=str(verdict.status)), headers, \
+            parsed if isinstance(parsed, ParsedMessage) else None
 
     def _strip_untrusted(self, raw: bytes) -> bytes:
         """RFC 8601 5: drop Authentication-Results claiming to be ours; spam headers from outside."""
@@ -400,7 +501,16 @@ class Pipeline:
         if not env.rcpt_to:
             raise Refused(replies.NO_VALID_RECIPIENTS)
         self.check_limits(raw)
-        outcome = await self.authenticate(raw, env, ingest_id)
+        rdns: asyncio.Future[str] | None = None
+        if env.client_name is None and env.client_ip:
+            rdns = asyncio.ensure_future(self.reverse_name(env.client_ip))
+        try:
+            outcome = await self.authenticate(raw, env, ingest_id)
+            if rdns is not None:
+                env.client_name = await rdns
+        finally:
+            if rdns is not None and not rdns.done():
+                rdns.cancel()
         quarantine = False
         if not env.trusted:
             d = outcome.dmarc
@@ -412,7 +522,7 @@ class Pipeline:
                 raise Refused(replies.DMARC_TEMP_FAILURE)
             quarantine = d.disposition == "quarantine"
         await self.scan(raw, env, ingest_id)
-        verdict, spam_headers = await self.classify(raw, env, outcome)
+        verdict, spam_headers, parsed = await self.classify(raw, env, outcome)
         if verdict is not None:
             span.set_attribute("mailmesh.spam_score", verdict.score)
         when = time.time()
@@ -430,6 +540,8 @@ class Pipeline:
             helo=env.helo[:MAX_HELO_CHARS], quarantine=quarantine)
         if verdict is not None:
             msg.spam.CopyFrom(verdict)
+        if parsed is not None and (summary := parsed_summary(parsed)) is not None:
+            msg.parsed.CopyFrom(summary)
         try:
             ref = await self.handoff.hand_off(final, msg)
         except Unavailable:

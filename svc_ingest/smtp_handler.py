@@ -32,6 +32,7 @@ from svc_ingest.replies import Reply
 log = logging.getLogger(__name__)
 
 IDENT = "mailmesh ESMTP"
+_END_OF_DATA = b"\r\n.\r\n"  # RFC 5321 4.1.1.4
 # DATA stays in memory up to this size, then goes to an unlinked temp file
 SPILL_BYTES = 1 << 20
 _FLUSH_BYTES = 256 * 1024
@@ -110,6 +111,7 @@ class MxSMTP(SMTP):
         self._greeted = False  # the greeting and EHLO/HELO answers carry no enhanced code
         self._plain_replies = False
         self.session_span: trace.Span = trace.INVALID_SPAN
+        self.rdns: asyncio.Future[str] | None = None  # the client's verified name, looked up at connect
 
     def _create_envelope(self) -> Envelope:
         return MxEnvelope()
@@ -146,17 +148,34 @@ class MxSMTP(SMTP):
                 self.transport.close()
             return
         self.listener.sessions.add(self)
+        self.listener.connections_total += 1
         tracer = telemetry.tracer("svc_ingest.smtp")
         span = tracer.start_span("smtp.session", kind=SpanKind.SERVER, attributes={
             "network.peer.address": ip, "network.protocol.name": "smtp", "server.port": self.listener.port})
         self.session_span = span
         try:
             with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                if ip:
+                    # reverse DNS runs while the client talks; DATA waits for it (bounded)
+                    self.rdns = asyncio.ensure_future(self.listener.pipeline.reverse_name(ip))
                 await super()._handle_client()
         finally:
+            if self.rdns is not None and not self.rdns.done():
+                self.rdns.cancel()
             limits.connections.release(ip)
             self.listener.sessions.discard(self)
             span.end()
+
+    async def client_name(self) -> str:
+        """The client's forward-confirmed reverse DNS name, "" when it has none."""
+        if self.rdns is None:
+            return ""
+        try:
+            return await asyncio.shield(self.rdns)
+        except asyncio.CancelledError:
+            if self.rdns.cancelled():
+                return ""
+            raise
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._plain_replies = True
@@ -179,6 +198,50 @@ class MxSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
         self.session_span.set_attribute("mailmesh.smtp.tls", True)
 
+    async def _read_data(self, spool: Spool, limit: int) -> bool:
+        """Reads the message up to its final CRLF.CRLF into spool, unstuffed (RFC 5321 4.5.2),
+        in large pieces rather than line by line; never reads past the terminator (what
+        follows is the client's next pipelined command). True when the message went over
+        `limit` (it is then read to its end but not kept)."""
+        pending = b"\r\n"  # the line break before the first line: a first line "." ends the data
+        virtual = True  # pending still starts with that made-up line break
+        too_big = False
+
+        async def release(segment: bytes) -> None:
+            nonlocal virtual, too_big
+            segment = segment.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
+            if virtual:
+                segment, virtual = segment[2:], False
+            if too_big or not segment:
+                return
+            if spool.size + len(segment) > limit:
+                too_big = True
+                spool.close()
+                return
+            await spool.write(segment)
+
+        while self.transport is not None:
+            end = pending.find(_END_OF_DATA)
+            if end >= 0:
+                await release(pending[:end + 2])  # with the line break ending the last line
+                return too_big
+            # keep back what could be the start of the terminator; the rest is message
+            keep = next((k for k in (4, 3, 2, 1) if pending.endswith(_END_OF_DATA[:k])), 0)
+            if len(pending) - keep > (2 if virtual else 0):
+                await release(pending[:len(pending) - keep])
+                pending = pending[len(pending) - keep:]
+            if keep:
+                # exactly the bytes that would complete the terminator: never past it
+                pending += await self._reader.readexactly(len(_END_OF_DATA) - keep)
+                continue
+            try:
+                pending += await self._reader.readuntil(_END_OF_DATA)
+            except asyncio.LimitOverrunError as exc:
+                # no terminator within the reader's limit: take what is there and go on
+                pending += await self._reader.read(max(exc.consumed, 1))
+        # the connection went away before the final dot: a partial message is never accepted
+        raise ConnectionResetError("connection lost during DATA")
+
     async def smtp_DATA(self, arg: str) -> None:
         """RFC 5321 4.1.1.4 DATA, streamed: the size limit is enforced while reading, the reply
         for an oversized message is given after its final dot (RFC 5321 4.2.5)."""
@@ -195,30 +258,8 @@ class MxSMTP(SMTP):
         await self.push(replies.START_DATA)
         limit = self.listener.settings.max_message_bytes
         spool = Spool(self.listener.spool_dir)
-        too_big = False
-        at_line_start = True
         try:
-            while self.transport is not None:
-                try:
-                    line = await self._reader.readuntil(b"\r\n")
-                    complete = True
-                except asyncio.LimitOverrunError as exc:
-                    # a line over the reader's limit: take what is there, the line goes on
-                    line = await self._reader.read(exc.consumed)
-                    complete = False
-                if at_line_start:
-                    if line == b".\r\n":
-                        break
-                    if line.startswith(b"."):  # RFC 5321 4.5.2 transparency
-                        line = line[1:]
-                at_line_start = complete
-                if too_big:
-                    continue
-                if spool.size + len(line) > limit:
-                    too_big = True
-                    spool.close()
-                    continue
-                await spool.write(line)
+            too_big = await self._read_data(spool, limit)
             if too_big:
                 log.info("message over the size limit refused", extra={"client_ip": self.peer_ip})
                 self._set_post_data_state()
@@ -301,7 +342,8 @@ class MxHandler:
         env = PipelineEnvelope(
             mail_from="" if mail_from == "<>" else mail_from, rcpt_to=list(envelope.rcpt_tos),
             user_ids=list(envelope.user_ids), client_ip=server.peer_ip, helo=session.host_name or "",
-            esmtp=bool(session.extended_smtp), smtputf8=bool(envelope.smtp_utf8), tls=server.tls_description())
+            esmtp=bool(session.extended_smtp), smtputf8=bool(envelope.smtp_utf8), tls=server.tls_description(),
+            client_name=await server.client_name())
         tracer = telemetry.tracer("svc_ingest.smtp")
         with tracer.start_as_current_span("smtp.data", attributes={
                 "mailmesh.rcpt_count": len(env.rcpt_to), "mailmesh.size": len(content)},
@@ -363,6 +405,7 @@ class SmtpListener:
         self.hostname = hostname
         self.spool_dir = spool_dir
         self.sessions: set[MxSMTP] = set()
+        self.connections_total = 0  # sessions this listener (this worker) has served
         self._busy = 0  # messages inside the pipeline; shutdown waits for them
         self._idle = asyncio.Event()
         self._idle.set()
@@ -382,8 +425,11 @@ class SmtpListener:
         """Listens; raises OSError when the port is taken. Returns the bound port."""
         loop = asyncio.get_running_loop()
         handler = MxHandler(self)
+        # several worker processes share the port (the kernel spreads connections over them);
+        # a single worker keeps it exclusive, so a second installation cannot bind it unnoticed
         self.server = await loop.create_server(lambda: MxSMTP(handler, self), host=self.settings.host,
-                                               port=self.settings.smtp_port, reuse_address=True)
+                                               port=self.settings.smtp_port, reuse_address=True,
+                                               reuse_port=self.settings.ingest_workers > 1)
         self.port = int(self.server.sockets[0].getsockname()[1])
         log.info("svc_ingest SMTP listening on %s:%d", self.settings.host, self.port)
         return self.port

@@ -10,7 +10,8 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from mailmesh.v1 import mailbox_service_pb2 as pb
@@ -68,6 +69,16 @@ def render(m: types_pb2.Message, fmt: int) -> types_pb2.Message:
                 setattr(out, name, getattr(m, name))
         return out
     return m
+
+
+@dataclass(frozen=True)
+class BatchDelivery:
+    """One recipient's copy of an inbound message, for `Mailbox.deliver_batch`."""
+
+    user: str
+    ingest_id: str
+    new: messages.NewMessage
+    traceparent: str = ""  # the trace its changelog entry (and EVENTS message) continues
 
 
 class Mailbox:
@@ -252,6 +263,58 @@ class Mailbox:
         new = await self.new_message(blob_ref, None, label_ids=[label], unread=True, internal_us=received_us,
                                      spam_score=spam_score)
         return await self.write(user, lambda m: messages.deliver(m, ingest_id, new, enforce_quota=enforce_quota))
+
+    async def resolve_recipients(self, addrs: Iterable[str]) -> dict[str, pb.ResolveRecipientResponse | str]:
+        """resolve_recipient for many addresses in one read transaction; an address that is not
+        valid maps to the reason instead of a resolution."""
+        wanted = list(dict.fromkeys(addrs))
+
+        def fn(tr: Transaction) -> dict[str, pb.ResolveRecipientResponse | str]:
+            out: dict[str, pb.ResolveRecipientResponse | str] = {}
+            for a in wanted:
+                if not a or len(a) > 512:
+                    out[a] = "address must be 1..512 characters"
+                    continue
+                try:
+                    out[a] = accounts.resolve_recipient(tr, a, 0)
+                except InvalidInput as exc:
+                    out[a] = exc.message
+            return out
+
+        return await self.db.run(fn, readonly=True)
+
+    async def deliver_batch(self, items: Sequence[BatchDelivery]) -> list[tuple[types_pb2.Message, bool] | None]:
+        """Delivers many messages, to one user or many, in ONE transaction (the INBOUND
+        consumer's path; no quota check, like `deliver(enforce_quota=False)`). Each result is
+        (message, duplicate) as `deliver` returns it, or None when the account is gone or being
+        deleted. The caller bounds the batch to the KV limits (size and time) and has touched
+        the blobs. Any error fails the whole batch: nothing of it is committed."""
+        for it in items:
+            if not it.ingest_id or len(it.ingest_id) > 200:
+                raise InvalidInput("ingest_id must be 1..200 characters")
+
+        def fn(tr: Transaction) -> tuple[list[tuple[types_pb2.Message, bool] | None], list[str]]:
+            mtxs: dict[str, MailTx] = {}
+            gone: set[str] = set()
+            out: list[tuple[types_pb2.Message, bool] | None] = []
+            for it in items:
+                mtx = mtxs.get(it.user)
+                if mtx is None and it.user not in gone:
+                    if tr.get(keys.u(it.user, "acct")) is None or tr.get(keys.u(it.user, "deleting")) is not None:
+                        gone.add(it.user)
+                    else:
+                        mtx = mtxs[it.user] = MailTx(tr, it.user)
+                if mtx is None:
+                    out.append(None)
+                    continue
+                mtx.traceparent = it.traceparent  # each change carries its own message's trace
+                out.append(messages.deliver(mtx, it.ingest_id, it.new, enforce_quota=False))
+            return out, [u for u, m in mtxs.items() if m.changes]
+
+        results, changed = await self.db.run(fn)
+        for user in changed:
+            self.hub.notify(user)
+        return results
 
     async def append(self, user: str, req: pb.AppendMessageRequest) -> types_pb2.Message:
         if not req.raw:

@@ -185,6 +185,14 @@ def _verify_one(message: Any, p: _Pending, record: bytes) -> DkimResult:
     return verdict
 
 
+_SIGNATURE_FIELD = re.compile(rb"(?im)^dkim-signature\s*:")
+
+
+def _head(raw: bytes) -> bytes:
+    """The header section (up to the first empty line, CRLF or bare LF)."""
+    return raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+
+
 def _verify_all(raw: bytes, pending: list[_Pending], keys: list[bytes]) -> list[DkimResult]:
     message = dkimpy.DKIM(raw, minkey=MIN_RSA_BITS)
     return [_verify_one(message, p, key) for p, key in zip(pending, keys, strict=True)]
@@ -192,11 +200,12 @@ def _verify_all(raw: bytes, pending: list[_Pending], keys: list[bytes]) -> list[
 
 async def verify_dkim(resolver: Resolver, raw: bytes, *, max_signatures: int = 5) -> list[DkimResult]:
     """One result per DKIM-Signature, top first, for at most `max_signatures` of them."""
+    if _SIGNATURE_FIELD.search(_head(raw)) is None:
+        return []  # unsigned (most mail): no need to take the message apart
     try:
         headers, _body = dkimpy.rfc822_parse(raw)
     except dkimpy.MessageFormatError:
-        head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-        if re.search(rb"(?im)^dkim-signature\s*:", head):
+        if _SIGNATURE_FIELD.search(_head(raw)):
             return [DkimResult("permerror", "", "", "", "message header could not be parsed")]
         return []
     values = [value for name, value in headers if name.lower() == b"dkim-signature"][:max_signatures]

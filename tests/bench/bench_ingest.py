@@ -13,6 +13,13 @@ loopback; a dnslib server answers the SPF/DKIM/DMARC lookups. The client is asyn
 concurrent connections, each sending its share of 10 kB messages to one of N users.
 
     .venv/bin/python -m tests.bench.bench_ingest --messages 5000 --connections 20
+    .venv/bin/python -m tests.bench.bench_ingest --messages 5000 --connections 20 --ingest-workers 2
+
+Besides the rates and latencies it prints, per run, the CPU time each process spent per
+accepted message (`cpu_ms_per_message`, from /proc): on a machine shared with other work the
+rates move with the load, the CPU cost much less. `--ingest-workers N` runs N svc_ingest
+processes on one SMTP port (SO_REUSEPORT), as `mailmesh up` does with `ingest_workers = N`;
+`--profile DIR` runs the services under cProfile.
 
 Prints figures; asserts nothing.
 """
@@ -112,11 +119,15 @@ class SmtpClient:
         self.writer.close()
 
 
-def spawn(module: str, settings: Settings, logs: Path) -> subprocess.Popen[bytes]:
+PROFILE_DIR: Path | None = None
+
+
+def spawn(module: str, settings: Settings, logs: Path, suffix: str = "") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILMESH_")}
     env.update(settings_env(settings))
-    with open(logs / f"{module}.log", "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out, stderr=out,
+    profile = ["-m", "cProfile", "-o", str(PROFILE_DIR / f"{module}{suffix}.prof")] if PROFILE_DIR else []
+    with open(logs / f"{module}{suffix}.log", "wb") as out:
+        return subprocess.Popen([sys.executable, *profile, "-m", module], env=env, stdout=out, stderr=out,
                                 cwd=settings.data_dir)
 
 
@@ -159,6 +170,21 @@ async def run_load(port: int, run: str, rcpts: list[str], n: int, connections: i
 
 
 UNLOADED_TX: list[tuple[float, int]] = []
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere). On a machine shared
+    with other work, CPU per message is steadier than messages per second."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
 def summary(values: list[float]) -> dict[str, float | None]:
@@ -195,7 +221,13 @@ async def main() -> None:
     ap.add_argument("--connections", type=int, default=20)
     ap.add_argument("--probes", type=int, default=200, help="messages for the unloaded latency")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
+    ap.add_argument("--ingest-workers", type=int, default=1, help="svc_ingest processes sharing the SMTP port")
+    ap.add_argument("--profile", metavar="DIR", help="run the services under cProfile, writing DIR/<module>.prof")
     args = ap.parse_args()
+    global PROFILE_DIR
+    if args.profile:
+        PROFILE_DIR = Path(args.profile).resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="mailmesh-bench-ingest-"))
     logs = tmp / "logs"
@@ -210,7 +242,8 @@ async def main() -> None:
         settings = load_settings(
             env={}, data_dir=str(tmp / "data"), nats_url=natsd.url, mailbox_port=free_port(),
             ingest_port=free_port(), smtp_port=free_port(), dns_servers=dns.address, log_level="WARNING",
-            smtp_hostname="mx.bench.test", per_ip_max_connections=0, per_ip_messages_per_minute=0)
+            smtp_hostname="mx.bench.test", per_ip_max_connections=0, per_ip_messages_per_minute=0,
+            ingest_workers=args.ingest_workers)
         settings.data_dir.mkdir(parents=True)
         procs.append(spawn("svc_mailbox", settings, logs))
         await wait_port(settings.mailbox_port, procs[0])
@@ -225,8 +258,10 @@ async def main() -> None:
             acct = (await stub.CreateAccount(pb.CreateAccountRequest(email=addr, password="benchmark-password"),
                                              metadata=md)).account
             users[addr] = acct.user_id
-        procs.append(spawn("svc_ingest", settings, logs))
-        await wait_port(settings.smtp_port, procs[1])
+        for k in range(args.ingest_workers):  # as `mailmesh up` runs them: one port, SO_REUSEPORT
+            procs.append(spawn("svc_ingest", settings, logs, suffix=f"-{k + 1}" if k else ""))
+            await wait_port(settings.smtp_port, procs[-1])
+            await wait_port(settings.ingest_port, procs[-1])
 
         nc = await nats.connect(natsd.url)
         visible: dict[tuple[str, str], float] = {}
@@ -241,14 +276,26 @@ async def main() -> None:
 
         await nc.subscribe("mailbox.events.>", cb=on_event)
         rcpts = list(users)
+        pids = {"svc_mailbox": procs[0].pid}
+        pids.update({"svc_ingest" + (f"-{k + 1}" if k else ""): p.pid for k, p in enumerate(procs[1:])})
+        if natsd.proc is not None:
+            pids["nats-server"] = natsd.proc.pid
         # warm up: connections, code paths, caches
         await run_load(settings.smtp_port, "warmup", rcpts, min(200, args.messages), args.connections, True)
 
         results = {}
         for pipelining in (True, False):
             run = "pipelined" if pipelining else "lockstep"
+            cpu_before = cpu_snapshot(pids)
+            seen_before = len(visible)
             elapsed, acked, codes = await run_load(settings.smtp_port, run, rcpts, args.messages,
                                                    args.connections, pipelining)
+            # CPU is sampled once every accepted message is visible (by its event, without polling
+            # the mailbox, whose listing would add to its CPU)
+            deadline = time.monotonic() + 300
+            while len(visible) - seen_before < len(acked) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            cpu_after = cpu_snapshot(pids)
             # wait until every accepted message is visible, then map mailbox ids to bench indexes
             deadline = time.monotonic() + 300
             index: dict[tuple[str, str], int] = {}
@@ -271,6 +318,10 @@ async def main() -> None:
                     break
                 await asyncio.sleep(0.5)
             latencies = [visible[k] - acked[i] for k, i in index.items() if k in visible and i in acked]
+            seen_times = sorted(visible[k] for k in index if k in visible)
+            first_ack = min(acked.values(), default=0.0)
+            visible_per_s = (round(len(seen_times) / (seen_times[-1] - first_ack), 1)
+                             if seen_times and seen_times[-1] > first_ack else None)
             refused: dict[int, int] = {}
             for c in codes.values():
                 if c != 250:
@@ -280,6 +331,9 @@ async def main() -> None:
                 "messages": args.messages, "accepted": len(acked), "refused_by_code": refused,
                 "accepted_per_s": round(len(acked) / elapsed, 1), "elapsed_s": round(elapsed, 2),
                 "visible_in_inbox": len(latencies),
+                "visible_per_s": visible_per_s,
+                "cpu_ms_per_message": {name: round((cpu_after[name] - cpu_before[name]) * 1000 / max(len(acked), 1), 2)
+                                       for name in pids},
                 "latency_250_to_inbox_ms_under_load": summary(latencies),
                 "latency_250_to_inbox_ms_unloaded": summary(unloaded),
                 "smtp_transaction_ms_unloaded": summary([t for t, _ in UNLOADED_TX]),
@@ -288,6 +342,7 @@ async def main() -> None:
         await nc.close()
         await channel.close()
         print(json.dumps({"message_bytes": MESSAGE_BYTES, "connections": args.connections,
+                          "ingest_workers": args.ingest_workers,
                           "cores": os.cpu_count(), "runs": results}, indent=2))
     finally:
         for p in reversed(procs):
