@@ -15,7 +15,7 @@ from mailmesh.v1 import ingest_service_pb2_grpc as pb_grpc
 from mailmesh.v1 import mailbox_service_pb2_grpc as mb_grpc
 
 from mailmesh_common import grpcclient, tls
-from mailmesh_common.blobstore import BlobStore
+from mailmesh_common.blobstore import open_blobstore
 from mailmesh_common.config import Settings
 from mailmesh_common.dns import Resolver
 from mailmesh_common.errors import ConfigError, Unavailable
@@ -93,7 +93,9 @@ async def start_ingest(ctx: ServiceContext) -> Ingest:
     ctx.closers.append(channel.close)
     mailbox = mb_grpc.MailboxServiceStub(channel)
     recipients = Recipients(mailbox)
-    handoff = Handoff(BlobStore(s.data_dir / "blobs"), ctx.nc, ctx.js)
+    blobs = open_blobstore(s)
+    await blobs.check()
+    handoff = Handoff(blobs, ctx.nc, ctx.js)
     pipeline = Pipeline(s, Resolver(s.dns_servers), handoff, spam_filter=spam_filter, scanner=scanner_of(s),
                         hostname=hostname)
     servicer = IngestServicer(pipeline, recipients, spam_filter, s.max_recipients)

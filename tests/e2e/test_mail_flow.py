@@ -28,6 +28,7 @@ from mailmesh_common.dns import Resolver
 from svc_ingest.checks.dkim import verify_dkim
 from tests.conftest import MeshProcess, mesh_env, run_mailmesh
 from tests.dnsserver import DnsServer, module_dns_server  # noqa: F401 (fixture)
+from tests.s3server import make_bucket, s3_client, s3_endpoint  # noqa: F401 (fixture)
 from tests.svc_send.conftest import Sink, start_sink
 
 T = TypeVar("T")
@@ -82,11 +83,13 @@ class World:
         return out
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory,
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["files", "s3"])
+async def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                 module_dns_server: DnsServer) -> AsyncIterator[World]:  # noqa: F811
+    """The mesh with its raw messages in files, then in an S3 bucket (a loopback S3 server)."""
     tmp = tmp_path_factory.mktemp("e2e")
     dns = module_dns_server
+    dns.clear()  # shared by both worlds: each publishes its own records (and its own DKIM key)
     sink = await start_sink(tmp)
     # the remote domain: its MX is the sink; its SPF authorizes loopback (where our test "remote
     # server" connects from), its DMARC policy is reject
@@ -107,6 +110,11 @@ async def world(tmp_path_factory: pytest.TempPathFactory,
         "MAILMESH_SMTP_HOSTNAME": f"mx.{LOCAL}",
         "MAILMESH_LOG_LEVEL": "WARNING",
     }
+    if request.param == "s3":
+        pytest.importorskip("boto3", reason="boto3 is not installed")
+        endpoint = request.getfixturevalue("s3_endpoint")
+        env |= {"MAILMESH_BLOB_URL": f"s3://{make_bucket(endpoint)}/mail", "MAILMESH_S3_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
     mesh = MeshProcess(data_dir, env)
     w = World(mesh, dns, sink, trace_file)
     try:
@@ -228,6 +236,17 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
         return None
 
     await wait_for(outbound_trace, "one trace from the REST request to the delivery attempt")
+
+    # the raw messages went where the configuration says
+    url = w.mesh.env.get("MAILMESH_BLOB_URL", "")
+    local = w.mesh.data_dir / "blobs"
+    if url:
+        bucket = url.removeprefix("s3://").split("/")[0]
+        keys = s3_client(w.mesh.env["MAILMESH_S3_ENDPOINT_URL"]).list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert len(keys) >= 2, "the inbound message and the reply are in the bucket"
+        assert not any(p.is_file() for p in local.rglob("*")) if local.exists() else True
+    else:
+        assert sum(1 for p in local.rglob("*") if p.is_file()) >= 2
 
 
 async def test_forged_mail_from_a_reject_domain_is_refused(world: World) -> None:
