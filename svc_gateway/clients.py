@@ -10,8 +10,7 @@ from nats.aio.client import Client as NATS
 
 from mailmesh_common import grpcclient
 from mailmesh_common.config import Settings
-from mailmesh_common.errors import Unavailable
-from mailmesh_common.kv import Database, open_database
+from mailmesh_common.kv import Database, open_service_database
 from svc_gateway.limits import Limits
 from svc_gateway.state import GatewayState
 from svc_gateway.tokens import TokenStore
@@ -19,13 +18,7 @@ from svc_gateway.tokens import TokenStore
 
 def open_gateway_db(settings: Settings) -> Database:
     """gateway.db in the data dir (SQLite), or the shared FoundationDB cluster (`gateway` subspace)."""
-    if settings.fdb_cluster_file:
-        return open_database(f"fdb:{settings.fdb_cluster_file}")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return open_database(str(settings.data_dir / "gateway.db"))
-    except OSError as exc:
-        raise Unavailable(f"cannot open the gateway store: {exc.strerror}") from exc
+    return open_service_database(settings, "gateway.db", "the gateway store")
 
 
 def connect(settings: Settings, nc: NATS | None) -> GatewayState:

@@ -18,9 +18,9 @@ from mailmesh_common import grpcclient, tls
 from mailmesh_common.blobstore import open_blobstore
 from mailmesh_common.config import Settings
 from mailmesh_common.dns import Resolver
-from mailmesh_common.errors import ConfigError, Unavailable
+from mailmesh_common.errors import ConfigError
 from mailmesh_common.grpcserver import PortInUse
-from mailmesh_common.kv import Database, open_database
+from mailmesh_common.kv import Database, open_service_database
 from mailmesh_common.service import ServiceContext, main
 from svc_ingest.checks.virus import ClamdScanner, parse_address
 from svc_ingest.handoff import Handoff
@@ -59,13 +59,7 @@ def hostname_of(settings: Settings) -> str:
 
 
 def open_spam_db(settings: Settings) -> Database:
-    if settings.fdb_cluster_file:
-        return open_database(f"fdb:{settings.fdb_cluster_file}")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return open_database(str(settings.data_dir / "ingest.db"))
-    except OSError as exc:
-        raise Unavailable(f"cannot open the spam filter store: {exc.strerror}") from exc
+    return open_service_database(settings, "ingest.db", "the spam filter store")
 
 
 def scanner_of(settings: Settings) -> ClamdScanner | None:

@@ -25,8 +25,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mailmesh_common.config import Settings
-from mailmesh_common.errors import Unavailable
-from mailmesh_common.kv import Database, open_database, root_subspace
+from mailmesh_common.kv import Database, open_service_database, root_subspace
 
 SPACE = root_subspace()["send"]
 RETENTION_S = 7 * 86400  # finished deliveries and released sends are kept this long
@@ -46,13 +45,7 @@ def unpack(k: bytes) -> tuple[Any, ...]:
 
 
 def open_send_db(settings: Settings) -> Database:
-    if settings.fdb_cluster_file:
-        return open_database(f"fdb:{settings.fdb_cluster_file}")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return open_database(str(settings.data_dir / "send.db"))
-    except OSError as exc:
-        raise Unavailable(f"cannot open the send store: {exc.strerror}") from exc
+    return open_service_database(settings, "send.db", "the send store")
 
 
 def now_us() -> int:

@@ -14,8 +14,9 @@ open_database picks the driver from the URL:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from mailmesh_common.errors import ConfigError
+from mailmesh_common.errors import ConfigError, Unavailable
 from mailmesh_common.kv.base import (
     CHUNK_SIZE,
     DEFAULT_MAX_RETRIES,
@@ -37,9 +38,13 @@ from mailmesh_common.kv.base import (
 )
 from mailmesh_common.kv.subspace import Subspace, root_subspace
 
+if TYPE_CHECKING:
+    from mailmesh_common.config import Settings
+
 CLUSTER_FILE_ENV = "MAILMESH_FDB_CLUSTER_FILE"
 
 __all__ = [
+    "open_service_database",
     "CHUNK_SIZE",
     "CLUSTER_FILE_ENV",
     "MAX_KEY_SIZE",
@@ -89,3 +94,16 @@ def open_database(url: str | os.PathLike[str] | None = None, *, readers: int = 4
     from mailmesh_common.kv.sqlite import SqliteDatabase
 
     return SqliteDatabase(url, readers=readers)
+
+
+def open_service_database(settings: Settings, file_name: str, what: str) -> Database:
+    """A service's KV store: the shared FoundationDB cluster when `fdb_cluster_file` is set (each
+    service keeps to its own subspace), else the embedded SQLite file `{data_dir}/{file_name}`.
+    Unavailable, naming `what` ("the send store"), when it cannot be opened."""
+    if settings.fdb_cluster_file:
+        return open_database(f"fdb:{settings.fdb_cluster_file}")
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return open_database(str(settings.data_dir / file_name))
+    except OSError as exc:
+        raise Unavailable(f"cannot open {what}: {exc.strerror}") from exc
