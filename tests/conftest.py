@@ -6,6 +6,7 @@ Helpers are importable from tests as `from tests.conftest import free_port, mesh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import grpc
 import pytest
@@ -254,3 +255,21 @@ def spans() -> InMemorySpanExporter:
         _spans_attached.append(True)
     _SPANS.clear()
     return _SPANS
+
+
+# --- waiting --------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30.0) -> T:
+    """Awaits `check()` until it returns something truthy, and returns that; fails the test naming
+    `what` after `timeout` seconds (a bound, never an assertion about speed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)

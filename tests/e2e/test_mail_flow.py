@@ -13,12 +13,11 @@ import email
 import json
 import re
 import smtplib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -26,28 +25,17 @@ import pytest_asyncio
 
 from mailmesh_common.dns import Resolver
 from svc_ingest.checks.dkim import verify_dkim
-from tests.conftest import MeshProcess, mesh_env, run_mailmesh
+from tests.conftest import MeshProcess, mesh_env, run_mailmesh, wait_for
 from tests.dnsserver import DnsServer, module_dns_server  # noqa: F401 (fixture)
 from tests.s3server import make_bucket, s3_client, s3_endpoint  # noqa: F401 (fixture)
 from tests.svc_send.conftest import Sink, start_sink
 
-T = TypeVar("T")
 LOCAL = "example.com"
 REMOTE = "remote.test"
 BANK = "bank.test"
 WAIT_S = 45.0
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-
-async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 class World:
@@ -161,7 +149,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
         assert r.status_code == 200, r.text
         return r.json()["messages"] or None
 
-    [listed] = await wait_for(inbox, "the message in alice's INBOX over REST")
+    [listed] = await wait_for(inbox, "the message in alice's INBOX over REST", WAIT_S)
     r = await w.http.get(f"/v1/messages/{listed['id']}", params={"format": "full"}, headers=auth)
     assert r.status_code == 200, r.text
     msg = r.json()
@@ -182,7 +170,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
         assert r.status_code == 200, r.text
         return r.json()["messages"] or None
 
-    hits = await wait_for(found, "the message found by search")
+    hits = await wait_for(found, "the message found by search", WAIT_S)
     assert [h["id"] for h in hits] == [listed["id"]]
 
     # the reply: through the gateway, svc_send, OUTBOUND, DNS MX → the remote sink
@@ -197,7 +185,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
     async def delivered() -> Any:
         return w.sink.messages or None
 
-    [out] = await wait_for(delivered, "the reply at the remote MX")
+    [out] = await wait_for(delivered, "the reply at the remote MX", WAIT_S)
     parsed = email.message_from_bytes(out.data, policy=policy.default)
     assert parsed["In-Reply-To"] == f"<lunch-1@{REMOTE}>"
     assert out.rcpts == [f"carol@{REMOTE}"] and out.mail_from == f"alice@{LOCAL}"
@@ -209,7 +197,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
         states = {x["email"]: x["state"] for x in r.json().get("recipients") or []}
         return r.json() if states.get(f"carol@{REMOTE}") == "RECIPIENT_STATE_DELIVERED" else None
 
-    await wait_for(recorded, "the delivery recorded on the SENT message")
+    await wait_for(recorded, "the delivery recorded on the SENT message", WAIT_S)
     r = await w.http.get(f"/v1/threads/{listed['threadId']}", headers=auth)
     assert r.status_code == 200
     assert {m["id"] for m in r.json()["messages"]} == {listed["id"], sent["id"]}
@@ -224,7 +212,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
                 return services
         return None
 
-    await wait_for(inbound_trace, "one trace from SMTP DATA through the mailbox to the index")
+    await wait_for(inbound_trace, "one trace from SMTP DATA through the mailbox to the index", WAIT_S)
 
     async def outbound_trace() -> set[str] | None:
         spans = w.spans()
@@ -235,7 +223,7 @@ async def test_mail_in_read_search_reply_out(world: World) -> None:
                     return services
         return None
 
-    await wait_for(outbound_trace, "one trace from the REST request to the delivery attempt")
+    await wait_for(outbound_trace, "one trace from the REST request to the delivery attempt", WAIT_S)
 
     # the raw messages went where the configuration says
     url = w.mesh.env.get("MAILMESH_BLOB_URL", "")

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tests.conftest import wait_for as poll
 from tests.svc_gateway.conftest import Gateway, raw_message
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -25,18 +26,6 @@ def err(r: httpx.Response) -> str:
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
     return str(body["error"]["code"])
 
-
-async def poll(fn: Any, what: str, timeout: float = 30.0) -> Any:
-    """Calls `await fn()` until it returns something truthy (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await fn()
-        if value:
-            return value
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_profile_describes_the_account(gateway: Gateway) -> None:

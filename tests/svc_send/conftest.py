@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from svc_send.dkim_keys import DkimKeyFiles, dkim_root
 from svc_send.server import Send, register
 from svc_send.servicer import service_name
 from svc_send.tls import self_signed
+from tests.conftest import wait_for as common_wait_for
 from tests.dnsserver import DnsServer, dns_server  # noqa: F401 (fixture)
 from tests.svc_mailbox.conftest import Mesh, free_port, nats_url, start_mesh, stop_mesh  # noqa: F401
 
@@ -250,15 +250,8 @@ def auth_md(user: str) -> tuple[tuple[str, str], ...]:
 
 
 async def wait_for(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
-    """Polls `check` until it returns something truthy; fails naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """tests.conftest.wait_for with this package's default bound."""
+    return await common_wait_for(check, what, timeout)
 
 
 def setup_remote(dns: DnsServer, domain: str = REMOTE, address: str = "127.0.0.1") -> None:
