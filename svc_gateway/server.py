@@ -71,6 +71,7 @@ async def register(ctx: ServiceContext) -> None:
     if task.done() and not server.started:
         sock.close()
         raise PortInUse(f"svc_gateway: the HTTP server on {s.host}:{s.http_port} did not start")
+    log.info("svc_gateway HTTP listening on %s:%d", s.host, s.http_port)
 
     def http_ended(t: asyncio.Task[None]) -> None:
         if not server.should_exit and not ctx.stop.is_set():  # the HTTP server died: exit, to be restarted
