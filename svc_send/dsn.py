@@ -18,7 +18,7 @@ from email.utils import format_datetime
 from mailmesh.v1 import send_service_pb2 as spb
 from mailmesh.v1 import types_pb2
 
-from svc_send.compose import header_values, split_head
+from mailmesh_common.mime.compose import header_values, split_head
 
 MAX_ORIGINAL_HEADER = 64 * 1024
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")

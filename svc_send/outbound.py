@@ -39,7 +39,8 @@ from mailmesh_common.blobstore import BlobStore
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import FailedPrecondition, InvalidInput, MailmeshError, NotFound
 from mailmesh_common.mailboxclient import MailboxClient
-from svc_send import compose, limits
+from mailmesh_common.mime import compose
+from svc_send import limits
 from svc_send.dkim_sign import Signer
 from svc_send.dsn import build_dsn
 from svc_send.queue import GEN_HEADER, QueueStore, dsn_key

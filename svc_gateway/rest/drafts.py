@@ -1,6 +1,6 @@
 """Drafts: create, replace, get, list and delete unsent messages kept in the DRAFTS label.
 
-The gateway composes the draft (svc_send's pure composer, svc_send/compose.py) and stores it
+The gateway composes the draft (the shared composer, mailmesh_common/mime/compose.py) and stores it
 with MailboxService.AppendMessage (DRAFTS, read, `\\Draft`). A draft keeps its id across
 replacements: the id is that of its first message, and the gateway's store maps it to the
 current message (("draft", user, draft id) -> message id, and back). Drafts made elsewhere (IMAP,
@@ -18,6 +18,8 @@ from mailmesh.v1 import types_pb2
 
 from mailmesh_common import telemetry
 from mailmesh_common.kv import Database, Transaction
+from mailmesh_common.mime.compose import AttachmentIn, compose, mail_address, new_message_id
+from mailmesh_common.mime.compose import Draft as ComposeDraft
 from svc_gateway.deps import gateway
 from svc_gateway.errors import from_grpc, invalid, not_found
 from svc_gateway.rest import convert, outgoing
@@ -25,8 +27,6 @@ from svc_gateway.rest.common import ERRORS, ME, DraftId, User, call, check_id, j
 from svc_gateway.rest.models import Address, Draft, DraftContent, DraftList, DraftRequest
 from svc_gateway.state import GatewayState
 from svc_gateway.tokens import SPACE, TokenInfo
-from svc_send.compose import AttachmentIn, compose, mail_address, new_message_id
-from svc_send.compose import Draft as ComposeDraft
 
 router = APIRouter(prefix="/v1", tags=["drafts"])
 _FWD = SPACE["draft"]

@@ -16,7 +16,7 @@ from mailmesh.v1 import types_pb2
 from mailmesh_common.address import MailAddress
 from mailmesh_common.errors import ConfigError, InvalidInput
 from mailmesh_common.kv import open_database
-from svc_send import compose
+from mailmesh_common.mime import compose
 from svc_send.dsn import build_dsn, status_code
 from svc_send.queue import QueueStore, RcptResult, parse_schedule
 from svc_send.smtp_client import dot_stuff
