@@ -36,7 +36,7 @@ CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "spa
 # Held-out figures the accuracy test guards (measured: see test_held_out_accuracy). The
 # issue's target is detection >= 99 % with false positives <= 0.1 %; on this corpus this
 # content-only filter does not reach it (see the test's docstring).
-MIN_DETECTION = 0.91
+MIN_DETECTION = 0.93
 MAX_FALSE_POSITIVES = 0
 
 
@@ -416,13 +416,18 @@ def test_held_out_accuracy(tmp_path: Path) -> None:
     `mailmesh spam eval` (the live pipeline's classify, no auth results).
 
     Measured on this split (613 ham, 300 spam held out), at the default threshold 5.0:
-    detection 92.0 % (24 missed), 0 false positives; cross-validation inside the training part
-    had predicted 88.3 % at 0.08 % false positives. The issue's target (>= 99 % detection with
+    detection 94.0 % (18 missed), 0 false positives; cross-validation inside the training part
+    had predicted 90.5 % at 0.08 % false positives. (Before the link-host label/4-gram and
+    chain-origin tokens, see tokenizer.py: 92.0 %, 24 missed, 0 false positives. With the
+    2098 messages of ../shared/corpus/mail/jailhouse-dev as extra training ham, not adopted
+    here: 96.7 %, 10 missed, 0 false positives; but the cut then allows 4 of 4595 ham, and
+    cross-validation on this corpus's ham alone gained only 1.6 points, 88.3 -> 89.9 %.) The issue's target (>= 99 % detection with
     <= 0.1 % false positives) is not reached: the corpus's hard ham is commercial newsletters
     (Netscape, Amazon, Tesco, CuteFTP...) and list mail whose content is spam-like, and part of
     its spam was relayed through mailing lists the model knows as ham; with content alone (2002
     mail: no usable SPF/DKIM/DMARC or DNS), out-of-fold, two of 2497 training ham score above
-    99 % of the spam, so a cut at <= 0.1 % false positives leaves 5-12 % of spam below it.
+    99 % of the spam, so a cut at <= 0.1 % false positives leaves 9-13 % of spam below it (five fold
+    assignments; 13-17 training ham score above the 99 %-detection cut).
     This test guards what is achieved.
     """
     dirs = link_split(tmp_path)

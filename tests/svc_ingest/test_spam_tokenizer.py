@@ -162,3 +162,36 @@ def test_every_token_falls_in_one_scored_group() -> None:
     assert groups["subject:cheap"] == groups["watches"] == "content"
     assert groups["content-type:text/plain"] == groups["body:html-only"] == "structure"
     assert any(g == "structure" for t, g in groups.items() if t.startswith("url:"))
+
+
+def test_link_hosts_are_split_into_labels_and_name_pieces() -> None:
+    toks = set(tokens(PLAIN))
+    assert {"url:nhosts:1", "url:nregs:1", "url:tld:example", "url:label:www", "url:label:deals",
+            "url:c4:deal", "url:c4:eals", "url:reglen:1"} <= toks
+    many = (b"From: a@b.example\nSubject: hi\n\nsee http://cheap-pills4u.example/ and "
+            b"http://www.other.example/x and http://203.0.113.5/y\n")
+    toks = set(tokens(many))
+    assert {"url:nhosts:3", "url:nregs:3", "url:label-hyphen", "url:label-digits",
+            "url:c4:chea", "url:c4:p-pi", "url:c4:ls4u"} <= toks
+    assert not any(t.startswith("url:label:203") for t in toks)  # IPs are not labels
+    assert all(token_group(t) == "structure" for t in toks if t.startswith("url:"))
+
+
+def test_origin_of_the_received_chain_and_date_style() -> None:
+    toks = set(tokens(PLAIN))
+    # Date and the oldest Received stamp agree; a weekday and a numeric zone
+    assert {"relay:skew:hour", "relay:date-tz:+0000"} <= toks
+    assert not toks & {"relay:date-nodow", "relay:forged-big", "relay:first-dynamic", "relay:first-no-rdns"}
+    forged = (b"Received: from mail.hotmail.com (dsl-1-2-3.pool.example.net [198.51.100.20]) by "
+              b"mx.example.com with SMTP; Tue, 2 Jul 2002 12:00:00 +0000\n"
+              b"From: x@hotmail.com\nTo: a@example.com\nSubject: hi\n"
+              b"Date: 1 Jul 2002 10:00:00\nMessage-ID: <1@hotmail.com>\n\nhello there\n")
+    toks = set(tokens(forged))
+    assert {"relay:forged-big", "relay:first-dynamic", "relay:date-nodow", "relay:date-tz:none"} <= toks
+    later = forged.replace(b"Date: 1 Jul 2002 10:00:00", b"Date: Mon, 1 Jul 2002 10:00:00 +0000")
+    assert "relay:skew:week" in set(tokens(later))  # stamped 26 hours after its Date
+    ahead = forged.replace(b"Date: 1 Jul 2002 10:00:00", b"Date: Thu, 4 Jul 2002 10:00:00 +0000")
+    assert "relay:skew:future-day" in set(tokens(ahead))  # dated after it was received
+    nameless = forged.replace(b"(dsl-1-2-3.pool.example.net [198.51.100.20])", b"([198.51.100.20])")
+    assert "relay:first-no-rdns" in set(tokens(nameless))
+    assert all(token_group(t) == "header" for t in toks if t.startswith("relay:"))
