@@ -44,6 +44,7 @@ later.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 import zlib
@@ -95,6 +96,10 @@ READ_CHUNK_LOCAL = 2000
 # transaction that still runs out of time is split and retried).
 MAX_UPDATES_PER_TRANSACTION = 10_000
 COMBINER_TTL_S = 30.0  # how long a replica uses its cached copy of the stored combiner
+# Global token counts a replica read recently are reused this long (training elsewhere shows after
+# at most this delay; training on this replica clears the cache at once), up to this many tokens.
+TOKEN_CACHE_TTL_S = 60.0
+TOKEN_CACHE_MAX = 200_000
 
 _SPAM = "s"
 _HAM = "h"
@@ -267,6 +272,51 @@ class _Scope:
         return self.n_spam if is_spam else self.n_ham
 
 
+class _TokenCache:
+    """Recently read global counts: token -> (read at, spam, ham), unseen tokens included;
+    bounded (oldest reads go first) and expiring. `generation` changes on every clear, so a read
+    that raced with a local training is not stored."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.entries: dict[str, tuple[float, int, int]] = {}
+        self.totals: tuple[float, Counts] | None = None
+        self.generation = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.totals = None
+        self.generation += 1
+
+    def lookup(self, tokens: Sequence[str], now: float) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        hits: dict[str, tuple[int, int]] = {}
+        missing: list[str] = []
+        cutoff = now - self.ttl_s
+        entries = self.entries
+        for token in tokens:
+            e = entries.get(token)
+            if e is None or e[0] < cutoff:
+                missing.append(token)
+            elif e[1] or e[2]:
+                hits[token] = (e[1], e[2])
+        return hits, missing
+
+    def store(self, asked: Sequence[str], found: dict[str, tuple[int, int]], now: float,
+              generation: int) -> None:
+        if generation != self.generation:
+            return
+        entries = self.entries
+        for token in asked:
+            spam, ham = found.get(token, (0, 0))
+            entries.pop(token, None)  # re-inserted at the end: insertion order is read order
+            entries[token] = (now, spam, ham)
+        excess = len(entries) - self.max_entries
+        if excess > 0:
+            for token in list(itertools.islice(entries, excess + self.max_entries // 10)):
+                del entries[token]
+
+
 class BayesModel:
     """Token counts in the KV store: a global model plus per-user adjustments."""
 
@@ -279,6 +329,7 @@ class BayesModel:
         self._global = _Scope(space.subspace(("g",)))
         self._combiner_key = space.pack(("c",))
         self._combiner: tuple[float, bytes | None] | None = None  # (read at, value)
+        self._cache = _TokenCache(TOKEN_CACHE_TTL_S, TOKEN_CACHE_MAX)
 
     def _scope(self, user_id: str) -> _Scope:
         return _Scope(self.space.subspace(("u", user_id))) if user_id else self._global
@@ -294,6 +345,31 @@ class BayesModel:
         """Messages trained as spam and as ham (global, or the user's own adjustments)."""
         scope = self._scope(user_id)
         return await self.db.run(lambda tr: self._read_counts(tr, scope), readonly=True)
+
+    async def _global_counts(self) -> Counts:
+        """`counts()` of the global model through the replica's cache (see TOKEN_CACHE_TTL_S)."""
+        now = time.monotonic()
+        cached = self._cache.totals
+        if cached is not None and now - cached[0] < self._cache.ttl_s:
+            return cached[1]
+        generation = self._cache.generation
+        value = await self.counts()
+        # an untrained model is not cached: the first training anywhere takes effect at once
+        trained = value.spam >= self.min_trained and value.ham >= self.min_trained
+        if trained and generation == self._cache.generation:
+            self._cache.totals = (now, value)
+        return value
+
+    async def _global_token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """`token_counts()` of the global model, reading only what the cache lacks."""
+        now = time.monotonic()
+        hits, missing = self._cache.lookup(tokens, now)
+        if missing:
+            generation = self._cache.generation
+            found = await self.token_counts(missing)
+            self._cache.store(missing, found, now, generation)
+            hits.update(found)
+        return hits
 
     @staticmethod
     def _read_tokens(tr: Transaction, scope: _Scope,
@@ -356,11 +432,11 @@ class BayesModel:
     async def score(self, tokens: Sequence[str], user_id: str = "") -> BayesResult:
         """The chi-squared indicator of a token set, with the user's adjustments if any, its
         per-group indicators, and the stored combiner."""
-        glob = await self.counts()
+        glob = await self._global_counts()
         if glob.spam < self.min_trained or glob.ham < self.min_trained:
             return BayesResult(0.5, False, (), glob)
         combiner = await self.combiner()
-        counts: dict[str, tuple[float, float]] = dict(await self.token_counts(tokens))
+        counts: dict[str, tuple[float, float]] = dict(await self._global_token_counts(tokens))
         nspam: float = glob.spam
         nham: float = glob.ham
         if user_id:
@@ -436,6 +512,15 @@ class BayesModel:
 
     async def _commit(self, scopes: Sequence[_Scope], batch: Sequence[TrainItem],
                       forget: bool = False) -> int:
+        # this replica sees its own training at once: reads racing the commit are not kept
+        self._cache.clear()
+        try:
+            return await self._commit_uncached(scopes, batch, forget)
+        finally:
+            self._cache.clear()
+
+    async def _commit_uncached(self, scopes: Sequence[_Scope], batch: Sequence[TrainItem],
+                               forget: bool = False) -> int:
         """Apply a batch in one transaction; one that runs into the 5 s limit (a loaded
         machine) is split in halves and retried, down to single messages."""
         def fn(tr: Transaction) -> int:
@@ -447,8 +532,8 @@ class BayesModel:
             if len(batch) <= 1:
                 raise
         half = len(batch) // 2
-        return (await self._commit(scopes, batch[:half], forget)
-                + await self._commit(scopes, batch[half:], forget))
+        return (await self._commit_uncached(scopes, batch[:half], forget)
+                + await self._commit_uncached(scopes, batch[half:], forget))
 
     async def train(self, key: str, tokens: Sequence[str], *, is_spam: bool,
                     user_ids: Iterable[str] = ("",)) -> bool:

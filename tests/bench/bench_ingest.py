@@ -48,7 +48,10 @@ from nats.aio.msg import Msg
 from mailmesh_common import auth
 from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
+from svc_ingest.server import open_spam_db
+from svc_ingest.spam import SpamFilter
 from tests.bench.common import free_port, pct
+from tests.conftest import REPO
 from tests.dnsserver import DnsServer
 
 MESSAGE_BYTES = 10 * 1024
@@ -215,6 +218,26 @@ async def probe(port: int, rcpt: str, n: int, pipelining: bool, arrivals: asynci
     return out
 
 
+async def train_spam_model(settings: Settings, n: int) -> dict[str, int]:
+    """Trains the spam model ingest will use (its KV in the data dir) on up to n spam and n ham
+    of the corpus, fitting the combiner, as `mailmesh spam train` would."""
+    corpus = REPO.parent / "shared" / "corpus" / "spam"
+    if n <= 0 or not corpus.is_dir():
+        return {"spam": 0, "ham": 0}
+    spam = sorted(p for d in corpus.iterdir() if d.is_dir() and d.name.startswith("spam")
+                  for p in d.iterdir() if p.is_file())[:n]
+    ham = sorted(p for d in corpus.iterdir() if d.is_dir() and "ham" in d.name
+                 for p in d.iterdir() if p.is_file())[:n]
+    db = open_spam_db(settings)
+    try:
+        flt = SpamFilter(db)
+        await flt.train_many([(p.read_bytes(), True) for p in spam] + [(p.read_bytes(), False) for p in ham],
+                             fit=True)
+    finally:
+        await db.close()
+    return {"spam": len(spam), "ham": len(ham)}
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=5000)
@@ -223,6 +246,9 @@ async def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     ap.add_argument("--ingest-workers", type=int, default=1, help="svc_ingest processes sharing the SMTP port")
     ap.add_argument("--profile", metavar="DIR", help="run the services under cProfile, writing DIR/<module>.prof")
+    ap.add_argument("--train", type=int, default=1000, metavar="N",
+                    help="train the spam model on N spam + N ham of ../shared/corpus/spam first, so the filter "
+                         "reads token counts as it does in production (0: untrained, rules only)")
     args = ap.parse_args()
     global PROFILE_DIR
     if args.profile:
@@ -245,6 +271,7 @@ async def main() -> None:
             smtp_hostname="mx.bench.test", per_ip_max_connections=0, per_ip_messages_per_minute=0,
             ingest_workers=args.ingest_workers)
         settings.data_dir.mkdir(parents=True)
+        trained = await train_spam_model(settings, args.train)
         procs.append(spawn("svc_mailbox", settings, logs))
         await wait_port(settings.mailbox_port, procs[0])
         md = ((auth.TOKEN_KEY, settings.token()),)
@@ -342,7 +369,7 @@ async def main() -> None:
         await nc.close()
         await channel.close()
         print(json.dumps({"message_bytes": MESSAGE_BYTES, "connections": args.connections,
-                          "ingest_workers": args.ingest_workers,
+                          "ingest_workers": args.ingest_workers, "spam_model_trained_on": trained,
                           "cores": os.cpu_count(), "runs": results}, indent=2))
     finally:
         for p in reversed(procs):

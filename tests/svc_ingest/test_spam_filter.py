@@ -444,3 +444,31 @@ def test_held_out_accuracy(tmp_path: Path) -> None:
     assert report["combiner"] is True
     assert report["detection_rate"] >= MIN_DETECTION  # type: ignore[operator]
     assert ham["flagged_spam"] <= MAX_FALSE_POSITIVES
+
+
+async def test_replica_token_cache_sees_own_training_at_once_and_others_after_its_ttl(tmp_path: Path) -> None:
+    """Each replica reuses global token counts it read recently (the hot path reads far fewer
+    keys); its own training shows at once, another replica's within the cache's TTL."""
+    dbs = [open_database(tmp_path / "shared.db") for _ in range(2)]
+    try:
+        trainer = await trained(dbs[0])
+        replica = SpamFilter(dbs[1])
+        probe = analyze(mail("zorblax update", "zorblax zorblax quarterly"))
+        before = await replica.model.score(probe.tokens)
+        assert before.ready
+        await trainer.train_many([(mail(f"zorblax {i}", f"zorblax casino winner {i}", mid=f"z-{i}"), True)
+                                  for i in range(40)])
+        cached = await replica.model.score(probe.tokens)
+        assert cached.probability == before.probability, "within the TTL the replica's cached counts stand"
+        replica.model._cache.ttl_s = 0  # noqa: SLF001  (the TTL passes)
+        after = await replica.model.score(probe.tokens)
+        assert after.probability > before.probability + 0.2, (before, after)
+        # the replica's own training: no wait at all
+        replica.model._cache.ttl_s = 3600  # noqa: SLF001
+        await replica.train_many([(mail(f"quarterly zorblax {i}", f"zorblax quarterly review {i}", mid=f"q-{i}"),
+                                   False) for i in range(80)])
+        mine = await replica.model.score(probe.tokens)
+        assert mine.probability < after.probability - 0.2, (after, mine)
+    finally:
+        for d in dbs:
+            await d.close()
