@@ -34,7 +34,7 @@ def connect(settings: Settings, nc: NATS | None) -> GatewayState:
         send=SendServiceStub(send_ch),
         tokens=TokenStore(db, settings.gateway_token_ttl_s),
         nats=nc,
-        limits=Limits(settings),
+        limits=Limits(settings, db),
         db=db,
         channels=[mailbox_ch, search_ch, send_ch],
     )

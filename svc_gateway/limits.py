@@ -1,19 +1,31 @@
-"""Per-user request and search rate limits (token buckets) and failed-login counters (per
-account and per client IP). Kept in the memory of one gateway replica; bounded in size."""
+"""Per-user request and search rate limits (token buckets, in the memory of one gateway replica,
+bounded in size) and failed-login counters per account and per client IP, which live in the
+gateway's KV store so that every replica counts together: an attacker spreading guesses over the
+replicas behind a load balancer gets no more tries than against one.
+
+Failed-login key layout (under the `gateway` subspace): ("fail", kind, slice, key) -> counter,
+where slice = floor(epoch seconds / (LOGIN_WINDOW_S / SLICES)); the last SLICES slices make the
+window, and `sweep` clears every older slice with one range clear."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailmesh_common.config import Settings
+from mailmesh_common.kv import Database, Transaction, decode_counter
 from svc_gateway.errors import ApiError, rate_limited
+from svc_gateway.tokens import SPACE
 
 # keys remembered per table; the least recently used go first beyond this
 MAX_KEYS = 100_000
 LOGIN_WINDOW_S = 900.0
+SLICES = 5  # the failed-login window is counted in this many time slices
+MAX_COUNTED_KEY_CHARS = 320  # an account address or an IP; longer keys are truncated
+_FAILS = SPACE["fail"]
 
 
 @dataclass
@@ -52,52 +64,70 @@ class TokenBuckets:
 
 
 class FailureCounter:
-    """Failures per key inside a sliding window; `blocked` once `limit` is reached."""
+    """Failures per key in the last `window_s` seconds, shared by every replica through the KV;
+    `blocked` once `limit` is reached."""
 
-    def __init__(self, limit: int, window_s: float = LOGIN_WINDOW_S) -> None:
+    def __init__(self, db: Database, kind: str, limit: int, window_s: float = LOGIN_WINDOW_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.kind = kind
         self.limit = limit
         self.window_s = window_s
-        self.failures: OrderedDict[str, list[float]] = OrderedDict()
+        self.slice_s = window_s / SLICES
+        self.clock = clock
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        times = [t for t in self.failures.get(key, []) if now - t < self.window_s]
-        if times:
-            self.failures[key] = times
-        else:
-            self.failures.pop(key, None)
-        return times
+    def _keys(self, key: str, now: float) -> list[bytes]:
+        current = int(now // self.slice_s)
+        key = key[:MAX_COUNTED_KEY_CHARS]
+        return [_FAILS.pack((self.kind, s, key)) for s in range(current - SLICES + 1, current + 1)]
 
-    def blocked(self, key: str, now: float | None = None) -> int:
-        """0 when not blocked; otherwise the seconds until the oldest counted failure expires."""
+    async def blocked(self, key: str) -> int:
+        """0 when not blocked; otherwise the seconds until the oldest counted slice expires."""
         if self.limit <= 0:
             return 0
-        now = time.monotonic() if now is None else now
-        times = self._recent(key, now)
-        if len(times) < self.limit:
+        now = self.clock()
+        keys = self._keys(key, now)
+
+        def read(tr: Transaction) -> list[int]:
+            return [max(0, decode_counter(tr.get(k))) for k in keys]
+
+        counts = await self.db.run(read, readonly=True)
+        if sum(counts) < self.limit:
             return 0
-        return max(1, math.ceil(self.window_s - (now - times[-self.limit])))
+        # the earliest moment the sum can drop below the limit: when the oldest slice with
+        # failures leaves the window
+        first = int(now // self.slice_s) - SLICES + 1
+        oldest = next(i for i, c in enumerate(counts) if c)
+        return max(1, math.ceil((first + oldest + 1) * self.slice_s + self.window_s - self.slice_s - now))
 
-    def record(self, key: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        times = self._recent(key, now)
-        times.append(now)
-        self.failures[key] = times[-max(self.limit, 1):]
-        self.failures.move_to_end(key)
-        if len(self.failures) > MAX_KEYS:
-            self.failures.popitem(last=False)
+    async def record(self, key: str) -> None:
+        k = self._keys(key, self.clock())[-1]
+        await self.db.run(lambda tr: tr.add(k, 1))
 
-    def clear(self, key: str) -> None:
-        self.failures.pop(key, None)
+    async def clear(self, key: str) -> None:
+        keys = self._keys(key, self.clock())
+
+        def fn(tr: Transaction) -> None:
+            for k in keys:
+                tr.clear(k)
+
+        await self.db.run(fn)
+
+    async def sweep(self) -> None:
+        """Removes every slice that has left the window (one range clear)."""
+        first = int(self.clock() // self.slice_s) - SLICES + 1
+        begin, end = _FAILS.pack((self.kind,)), _FAILS.pack((self.kind, first))
+        await self.db.run(lambda tr: tr.clear_range(begin, end))
 
 
 class Limits:
     """Every limit the REST gateway applies."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, db: Database) -> None:
         self.requests = TokenBuckets(settings.gateway_requests_per_minute)
         self.searches = TokenBuckets(settings.gateway_searches_per_minute)
-        self.login_account = FailureCounter(settings.gateway_login_failures_per_account)
-        self.login_ip = FailureCounter(settings.gateway_login_failures_per_ip)
+        self.login_account = FailureCounter(db, "acct", settings.gateway_login_failures_per_account)
+        self.login_ip = FailureCounter(db, "ip", settings.gateway_login_failures_per_ip)
 
     def request(self, user_id: str) -> None:
         """Counts one API request of the user; raises 429 over the limit."""
@@ -111,15 +141,20 @@ class Limits:
         if wait:
             raise rate_limited(wait, "too many searches; slow down")
 
-    def check_login(self, account: str, ip: str) -> None:
+    async def check_login(self, account: str, ip: str) -> None:
         """Raises 429 while the account or the client IP has too many recent failed logins."""
-        wait = max(self.login_account.blocked(account), self.login_ip.blocked(ip))
+        wait = max(await self.login_account.blocked(account), await self.login_ip.blocked(ip))
         if wait:
             raise ApiError(429, "RATE_LIMITED", "too many failed logins; try again later", retry_after=wait)
 
-    def login_failed(self, account: str, ip: str) -> None:
-        self.login_account.record(account)
-        self.login_ip.record(ip)
+    async def login_failed(self, account: str, ip: str) -> None:
+        await self.login_account.record(account)
+        await self.login_ip.record(ip)
 
-    def login_succeeded(self, account: str) -> None:
-        self.login_account.clear(account)
+    async def login_succeeded(self, account: str) -> None:
+        await self.login_account.clear(account)
+
+    async def sweep(self) -> None:
+        """Drops failed-login counts that have left their window."""
+        await self.login_account.sweep()
+        await self.login_ip.sweep()

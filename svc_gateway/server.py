@@ -100,6 +100,7 @@ async def register(ctx: ServiceContext) -> None:
             except TimeoutError:
                 try:
                     await gw.tokens.sweep()
+                    await gw.limits.sweep()
                 except Exception:  # a failed sweep is retried at the next interval
                     log.warning("gateway: token sweep failed", exc_info=True)
 

@@ -30,16 +30,16 @@ async def issue_token(body: TokenRequest, request: Request) -> Response:
     account_key = body.email.strip().lower()
     ip = request.client.host if request.client else "?"
     with telemetry.tracer("svc_gateway").start_as_current_span("gateway.login"):
-        gw.limits.check_login(account_key, ip)
+        await gw.limits.check_login(account_key, ip)
         try:
             r = await gw.mailbox.Authenticate(mpb.AuthenticateRequest(email=body.email, password=body.password),
                                              timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _BAD_LOGIN:
-                gw.limits.login_failed(account_key, ip)
+                await gw.limits.login_failed(account_key, ip)
                 raise unauthorized("wrong email or password") from None
             raise from_grpc(exc) from None
-        gw.limits.login_succeeded(account_key)
+        await gw.limits.login_succeeded(account_key)
         token, expires_at = await gw.tokens.issue(r.account.user_id, r.account.email)
     return json({"accessToken": token, "tokenType": "Bearer",
                  "expiresIn": max(0, int(gw.tokens.ttl_s)),

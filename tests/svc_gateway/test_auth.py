@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from svc_gateway.errors import ApiError
 from svc_gateway.tokens import TokenStore
 from tests.svc_gateway.conftest import PASSWORD, Gateway
 
@@ -125,4 +126,36 @@ async def test_failed_logins_are_rate_limited_per_client_ip(gateway: Gateway) ->
             assert r.status_code in (401, 429)
         r = await http.post("/v1/auth/token", json={"email": users["carol"].email, "password": PASSWORD})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
-    gateway.state.limits.login_ip.failures.clear()  # the other tests of the module log in from here too
+    await gateway.state.limits.login_ip.clear("127.0.0.1")  # the other tests of the module log in from here too
+
+
+async def test_failed_logins_count_across_gateway_replicas(gateway: Gateway) -> None:
+    """Two replicas share the KV: guesses spread over them add up, a success on either clears the
+    account, and counts leave the window (then `sweep` removes them)."""
+    from svc_gateway.limits import _FAILS, SLICES, Limits
+
+    db = gateway.state.db
+    assert db is not None
+    now = [1_000_000.0]
+    replicas = [Limits(gateway.settings, db) for _ in range(2)]
+    for lim in replicas:
+        for counter in (lim.login_account, lim.login_ip):
+            counter.clock = lambda: now[0]
+    limit = gateway.settings.gateway_login_failures_per_account
+    for i in range(limit):
+        await replicas[i % 2].login_failed("victim@example.com", f"203.0.113.{i}")
+    for lim in replicas:
+        with pytest.raises(ApiError) as info:
+            await lim.check_login("victim@example.com", "198.51.100.1")
+        assert info.value.status == 429 and info.value.retry_after
+    await replicas[0].check_login("other@example.com", "198.51.100.1")  # other accounts are free
+    await replicas[1].login_succeeded("victim@example.com")
+    await replicas[0].check_login("victim@example.com", "198.51.100.1")
+    # failures older than the window no longer count, and the sweep removes them
+    for _ in range(limit):
+        await replicas[0].login_failed("slow@example.com", "198.51.100.2")
+    now[0] += replicas[0].login_account.window_s + replicas[0].login_account.window_s / SLICES
+    await replicas[1].check_login("slow@example.com", "198.51.100.2")
+    await replicas[0].sweep()
+    left = await db.run(lambda tr: list(tr.get_range_startswith(_FAILS.key)), readonly=True)
+    assert not any(b"slow@example.com" in k for k, _ in left)
