@@ -26,7 +26,7 @@ import hashlib
 import io
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 from urllib.parse import urlsplit
@@ -218,20 +218,6 @@ class S3BlobStore(BlobStore):
         except Exception as e:
             raise self._translate(e) from None
         return cast(BinaryIO, io.BufferedReader(_Body(body), READ_CHUNK))
-
-    async def iter_chunks(self, ref: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
-        f = await asyncio.to_thread(self.open, ref)
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.to_thread(f.read, chunk_size)
-                except OSError as e:
-                    raise Unavailable(str(e)) from None
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            f.close()
 
     async def exists(self, ref: str) -> bool:
         key = self.key(ref)

@@ -156,16 +156,27 @@ class ConsumerOptions:
 async def consume(js: JetStreamContext, spec: StreamSpec, msg_type: type[M], handler: Handler[M],
                   opts: ConsumerOptions, stop: asyncio.Event) -> None:
     """Runs a durable pull consumer until `stop` is set. Each message: decode, span, handler, ack."""
+    async def each(msgs: list[Msg]) -> None:
+        for raw in msgs:
+            await _handle_one(raw, spec, msg_type, handler, opts)
+
+    await _pull_loop(js, spec, opts, opts.batch, opts.max_ack_pending, each, stop)
+
+
+async def _pull_loop(js: JetStreamContext, spec: StreamSpec, opts: ConsumerOptions, batch: int,
+                     max_ack_pending: int, on_msgs: Callable[[list[Msg]], Awaitable[None]],
+                     stop: asyncio.Event) -> None:
+    """The durable pull subscription both consumers share: fetch up to `batch` messages at a
+    time until `stop` is set (a failed fetch is logged and retried), then unsubscribe."""
     cfg = js_api.ConsumerConfig(durable_name=opts.durable, ack_policy=js_api.AckPolicy.EXPLICIT,
-                                ack_wait=opts.ack_wait_s, max_ack_pending=opts.max_ack_pending,
-                                max_deliver=opts.max_deliver,
-                                filter_subject=opts.filter_subject or None)
+                                ack_wait=opts.ack_wait_s, max_ack_pending=max_ack_pending,
+                                max_deliver=opts.max_deliver, filter_subject=opts.filter_subject or None)
     sub = await js.pull_subscribe(opts.filter_subject or spec.subjects[0], durable=opts.durable,
                                   stream=spec.name, config=cfg)
     try:
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(opts.batch, timeout=opts.fetch_timeout_s)
+                msgs = await sub.fetch(batch, timeout=opts.fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:
@@ -174,8 +185,7 @@ async def consume(js: JetStreamContext, spec: StreamSpec, msg_type: type[M], han
                 log.warning("fetch from %s failed: %s", spec.name, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for raw in msgs:
-                await _handle_one(raw, spec, msg_type, handler, opts)
+            await on_msgs(msgs)
     finally:
         try:
             await sub.unsubscribe()
@@ -285,29 +295,11 @@ async def consume_batch(js: JetStreamContext, spec: StreamSpec, msg_type: type[M
     every message not marked for termination is nakked: after `opts.nak_delay_s` for
     Unavailable, ten times that for any other error."""
     batch = max(1, min(opts.batch, MAX_BATCH))
-    cfg = js_api.ConsumerConfig(durable_name=opts.durable, ack_policy=js_api.AckPolicy.EXPLICIT,
-                                ack_wait=opts.ack_wait_s, max_ack_pending=max(opts.max_ack_pending, batch),
-                                max_deliver=opts.max_deliver, filter_subject=opts.filter_subject or None)
-    sub = await js.pull_subscribe(opts.filter_subject or spec.subjects[0], durable=opts.durable,
-                                  stream=spec.name, config=cfg)
-    try:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=opts.fetch_timeout_s)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception as exc:
-                if stop.is_set():
-                    break
-                log.warning("fetch from %s failed: %s", spec.name, exc)
-                await asyncio.sleep(0.5)
-                continue
-            await _handle_batch(msgs, spec, msg_type, handler, opts)
-    finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
+
+    async def whole(msgs: list[Msg]) -> None:
+        await _handle_batch(msgs, spec, msg_type, handler, opts)
+
+    await _pull_loop(js, spec, opts, batch, max(opts.max_ack_pending, batch), whole, stop)
 
 
 async def _handle_batch(msgs: list[Msg], spec: StreamSpec, msg_type: type[M], handler: BatchHandler[M],

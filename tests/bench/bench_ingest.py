@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
 from svc_ingest.server import open_spam_db
 from svc_ingest.spam import SpamFilter
-from tests.bench.common import free_port, pct
+from tests.bench.common import cpu_seconds, free_port, summary, wait_port
 from tests.conftest import REPO
 from tests.dnsserver import DnsServer
 
@@ -134,18 +133,6 @@ def spawn(module: str, settings: Settings, logs: Path, suffix: str = "") -> subp
                                 cwd=settings.data_dir)
 
 
-async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
 
 
 async def run_load(port: int, run: str, rcpts: list[str], n: int, connections: int,
@@ -173,27 +160,14 @@ async def run_load(port: int, run: str, rcpts: list[str], n: int, connections: i
 
 
 UNLOADED_TX: list[tuple[float, int]] = []
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere). On a machine shared
-    with other work, CPU per message is steadier than messages per second."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
-def summary(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {"p50": round(statistics.median(values) * 1000, 1), "p99": round(pct(values, 99) * 1000, 1)}
 
 
 async def probe(port: int, rcpt: str, n: int, pipelining: bool, arrivals: asyncio.Queue[float]) -> list[float]:

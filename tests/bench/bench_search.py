@@ -114,9 +114,9 @@ def query_mix(base: list[bytes], rnd: random.Random, n: int) -> list[tuple[str, 
             q = f"from:{rnd.choice(top_senders)}"
         elif kind == "date":
             start = END - rnd.randrange(SPAN_S)
-            a = datetime.fromtimestamp(start, UTC)
-            b = datetime.fromtimestamp(start + rnd.choice([7, 30, 90]) * 86_400, UTC)
-            q = f"after:{a:%Y/%m/%d} before:{b:%Y/%m/%d}" + (f" {rnd.choice(common)}" if rnd.random() < 0.5 else "")
+            first = datetime.fromtimestamp(start, UTC)
+            last = datetime.fromtimestamp(start + rnd.choice([7, 30, 90]) * 86_400, UTC)
+            q = f"after:{first:%Y/%m/%d} before:{last:%Y/%m/%d}" + (f" {rnd.choice(common)}" if rnd.random() < 0.5 else "")
         else:
             q = "has:attachment" + (f" {rnd.choice(common)}" if rnd.random() < 0.5 else "")
         out.append((kind, q))
@@ -129,7 +129,7 @@ async def wait_serving(addr: str, proc: subprocess.Popen[bytes], timeout: float 
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+                raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
             try:
                 r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from mailmesh_common.config import Settings, load_settings, settings_env
 from mailmesh_common.natsserver import NatsServer
 from svc_send.dkim_keys import DkimKeyFiles, dkim_root
 from svc_send.tls import self_signed
-from tests.bench.common import free_port, pct
+from tests.bench.common import cpu_seconds, free_port, summary, wait_port
 from tests.dnsserver import DnsServer
 
 REMOTE = "remote.test"
@@ -58,19 +57,8 @@ BODY = "The quick brown fox jumps over the lazy dog while the benchmark keeps co
 _SUBJECT = re.compile(rb"^Subject: bench (\w+) (\d+)\r?$", re.MULTILINE)
 
 
-def summary(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {"p50": round(statistics.median(values) * 1000, 1), "p99": round(pct(values, 99) * 1000, 1)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) a process used so far; 0 when unknown (not Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # the event loop thread's CPU time (not wall time, which a busy machine inflates); threads apart
@@ -98,18 +86,6 @@ def spawn(module: str, settings: Settings, logs: Path, profile: Path | None = No
         return subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=Path(__file__).resolve().parents[2])
 
 
-async def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
 
 
 class Sink:
