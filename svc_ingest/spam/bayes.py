@@ -178,10 +178,9 @@ def chi2_evidence(probs: Sequence[float]) -> tuple[float, float]:
     return 1.0 - _chi2q(-2.0 * s_log, 2 * n), 1.0 - _chi2q(-2.0 * h_log, 2 * n)
 
 
-def clues_of(counts: dict[str, tuple[float, float]], nspam: float, nham: float,
-             *, max_clues: int = MAX_DISCRIMINATORS) -> list[tuple[str, float]]:
-    """The strongest tokens (token, f(w)), strongest first; ties broken by token for
-    determinism. `counts` maps token -> (spam, ham) messages containing it."""
+def _scored(counts: dict[str, tuple[float, float]], nspam: float, nham: float) -> list[tuple[float, str, float]]:
+    """(-strength, token, f(w)) of every token strong enough to count, strongest first (ties by
+    token, for determinism)."""
     scored = []
     for token, (s, h) in counts.items():
         if s <= 0 and h <= 0:
@@ -191,6 +190,14 @@ def clues_of(counts: dict[str, tuple[float, float]], nspam: float, nham: float,
         if strength >= MIN_PROB_STRENGTH:
             scored.append((-strength, token, f))
     scored.sort()
+    return scored
+
+
+def clues_of(counts: dict[str, tuple[float, float]], nspam: float, nham: float,
+             *, max_clues: int = MAX_DISCRIMINATORS) -> list[tuple[str, float]]:
+    """The strongest tokens (token, f(w)), strongest first; ties broken by token for
+    determinism. `counts` maps token -> (spam, ham) messages containing it."""
+    scored = _scored(counts, nspam, nham)
     return [(token, f) for _, token, f in scored[:max_clues]]
 
 
@@ -200,15 +207,7 @@ def clues_and_parts(counts: dict[str, tuple[float, float]], nspam: float, nham: 
     """(indicator over all tokens, its clues, {group: chi2_evidence (S, H) of that group's
     strongest max_clues tokens}) of a message whose known tokens have `counts`
     (token -> (spam, ham))."""
-    scored = []
-    for token, (s, h) in counts.items():
-        if s <= 0 and h <= 0:
-            continue
-        f = token_prob(s, h, nspam, nham)
-        strength = abs(f - 0.5)
-        if strength >= MIN_PROB_STRENGTH:
-            scored.append((-strength, token, f))
-    scored.sort()
+    scored = _scored(counts, nspam, nham)
     clues = [(token, f) for _, token, f in scored[:max_clues]]
     by_group: dict[str, list[float]] = {g: [] for g in GROUPS}
     for _, token, f in scored:
