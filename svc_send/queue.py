@@ -17,7 +17,6 @@ failing at its expire time.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass, field
 
@@ -121,7 +120,8 @@ def _final_state(entry: spb.QueueEntry) -> spb.QueueEntryState.ValueType:
 
 
 class QueueStore:
-    def __init__(self, db: Database, schedule_s: tuple[float, ...], max_age_s: float) -> None:
+    def __init__(self, db: Database, schedule_s: tuple[float, ...], max_age_s: float, *, secret: str) -> None:
+        self.pages = store.KeyPages(secret, "send-queue")
         self.db = db
         self.schedule_s = schedule_s
         self.max_age_s = max_age_s
@@ -269,15 +269,8 @@ class QueueStore:
 
     async def list_active(self, domain: str, page_size: int, page_token: str) -> tuple[list[spb.QueueEntry], str]:
         n = 100 if page_size <= 0 else min(page_size, 1000)
-        begin, end = store.prefix_range("active")
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode())
-            except (ValueError, TypeError):
-                raise InvalidInput("page_token is not valid") from None
-            if not begin <= after < end:
-                raise InvalidInput("page_token is not valid")
-            begin = after + b"\x00"
+        first, end = store.prefix_range("active")
+        begin = self.pages.start(page_token, "", first, end)
 
         def fn(tr: Transaction) -> tuple[list[spb.QueueEntry], str]:
             out: list[spb.QueueEntry] = []
@@ -297,7 +290,7 @@ class QueueStore:
                             break
                 cursor = last + b"\x00"
             more = bool(tr.get_range(cursor, end, limit=1))
-            return out, base64.urlsafe_b64encode(last).decode() if more else ""
+            return out, self.pages.next("", first, last) if more else ""
 
         return await self.db.run(fn, readonly=True)
 

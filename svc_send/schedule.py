@@ -11,13 +11,12 @@ CancelSend succeeds only while the send is still held.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 from mailmesh.v1 import send_service_pb2 as spb
 from mailmesh.v1 import types_pb2
 
-from mailmesh_common.errors import FailedPrecondition, InvalidInput, NotFound
+from mailmesh_common.errors import FailedPrecondition, NotFound
 from mailmesh_common.kv import Database, Transaction, decode_counter
 from svc_send import store
 from svc_send.queue import QueueStore
@@ -43,7 +42,8 @@ class Due:
 
 
 class HeldSends:
-    def __init__(self, db: Database, queue_max_age_s: float) -> None:
+    def __init__(self, db: Database, queue_max_age_s: float, *, secret: str) -> None:
+        self.pages = store.KeyPages(secret, "send-held")
         self.db = db
         self.max_age_us = int(queue_max_age_s * 1e6)
 
@@ -185,15 +185,8 @@ class HeldSends:
 
     async def list_held(self, user: str, page_size: int, page_token: str) -> tuple[list[spb.ScheduledSend], str]:
         n = 50 if page_size <= 0 else min(page_size, 500)
-        begin, end = store.prefix_range("held", user)
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode())
-            except (ValueError, TypeError):
-                raise InvalidInput("page_token is not valid") from None
-            if not begin <= after < end:
-                raise InvalidInput("page_token is not valid")
-            begin = after + b"\x00"
+        first, end = store.prefix_range("held", user)
+        begin = self.pages.start(page_token, user, first, end)
 
         def fn(tr: Transaction) -> tuple[list[spb.ScheduledSend], str]:
             rows = tr.get_range(begin, end, limit=n + 1)
@@ -202,7 +195,7 @@ class HeldSends:
                 rec = _load(tr, str(store.unpack(k)[-1]))
                 if rec is not None:
                     out.append(rec.send)
-            token = base64.urlsafe_b64encode(rows[n - 1][0]).decode() if len(rows) > n else ""
+            token = self.pages.next(user, first, rows[n - 1][0]) if len(rows) > n else ""
             return out, token
 
         return await self.db.run(fn, readonly=True)

@@ -61,8 +61,8 @@ async def start_send(ctx: ServiceContext) -> Send:
     ctx.closers.append(mailbox.close)
     blobs = open_blobstore(s)  # files, or the S3 bucket every replica reads (blob_url)
     await blobs.check()
-    queue = QueueStore(db, schedule, s.outbound_max_age_s)
-    held = HeldSends(db, s.outbound_max_age_s)
+    queue = QueueStore(db, schedule, s.outbound_max_age_s, secret=s.token())
+    held = HeldSends(db, s.outbound_max_age_s, secret=s.token())
     keys = DkimKeyStore(db)
     imported = await keys.import_files(DkimKeyFiles(dkim_root(s.data_dir)))
     for k in imported:

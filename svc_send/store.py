@@ -25,7 +25,9 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mailmesh_common.config import Settings
+from mailmesh_common.errors import InvalidInput
 from mailmesh_common.kv import Database, open_service_database, root_subspace
+from mailmesh_common.pagetoken import INVALID, SignedTokens
 
 SPACE = root_subspace()["send"]
 RETENTION_S = 7 * 86400  # finished deliveries and released sends are kept this long
@@ -64,3 +66,28 @@ def us_of(t: Timestamp) -> int:
 
 
 __all__ = ["RETENTION_S", "SPACE", "key", "now_us", "open_send_db", "prefix_range", "ts", "unpack", "us_of"]
+
+
+class KeyPages:
+    """Page tokens of listings over a KV key range, signed with the mesh secret
+    (mailmesh_common.pagetoken): a listing continues after the last key it returned, only
+    inside its own range and only for the user it was issued to."""
+
+    def __init__(self, secret: str, purpose: str) -> None:
+        self.tokens = SignedTokens(secret, purpose)
+
+    def start(self, page_token: str, user: str, begin: bytes, end: bytes) -> bytes:
+        """Where a page begins: `begin`, or just after the key the token names."""
+        if not page_token:
+            return begin
+        try:
+            after = bytes.fromhex(str(self.tokens.open(page_token, user, begin.hex())))
+        except ValueError:
+            raise InvalidInput(INVALID) from None
+        if not begin <= after < end:
+            raise InvalidInput(INVALID)
+        return after + b"\x00"
+
+    def next(self, user: str, begin: bytes, last: bytes) -> str:
+        """The token continuing a listing of range `begin`.. after key `last`."""
+        return self.tokens.seal(user, begin.hex(), last.hex())

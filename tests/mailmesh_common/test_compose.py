@@ -147,7 +147,7 @@ def test_retry_schedule_setting() -> None:
 
 async def test_null_sender_bounces_without_a_dsn_and_schedule_and_expiry_apply(tmp_path: Path) -> None:
     db = open_database(str(tmp_path / "send.db"))
-    q = QueueStore(db, (10.0, 60.0), max_age_s=100.0)
+    q = QueueStore(db, (10.0, 60.0), max_age_s=100.0, secret="test")
     t0 = 1_700_000_000_000_000
     for job_id, mail_from in (("null", ""), ("alice", "alice@example.com")):
         entry = spb.QueueEntry(id=job_id, mail_from=mail_from, domain="x.test", state=spb.QUEUE_ENTRY_STATE_QUEUED,

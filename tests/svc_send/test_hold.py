@@ -105,6 +105,14 @@ async def test_scheduled_send_can_be_listed_and_cancelled(sm: SendMesh) -> None:
                                         metadata=auth_md(alice), timeout=20)
     assert [s.subject for s in (*page1.scheduled_sends, *page2.scheduled_sends)] == ["later", "later 0", "later 1"]
     assert page1.next_page_token and not page2.next_page_token
+    # a tampered token, or alice's token presented by bob, is refused, never followed
+    bob = sm.users["bob"]
+    tampered = page1.next_page_token[:-2] + ("AA" if not page1.next_page_token.endswith("AA") else "BB")
+    for user, token in ((alice, tampered), (bob, page1.next_page_token)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await sm.stub.ListScheduled(spb.ListScheduledRequest(parent="users/me", page_token=token),
+                                        metadata=auth_md(user), timeout=20)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for x in (r, *later):
         cancelled = (await _cancel(sm, alice, x.message_id)).message
         assert "DRAFTS" in cancelled.label_ids
