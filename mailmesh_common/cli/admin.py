@@ -1,56 +1,27 @@
-"""`mailmesh domain add|list` and `mailmesh user add|list|passwd`: administration through the
-mailbox service's gRPC API (system calls carrying the mesh token from the data dir)."""
+"""`mailmesh domain add|list` and `mailmesh user add|list|passwd|delete|recount|export`:
+administration through the mailbox service's gRPC API (system calls carrying the mesh token from
+the data dir; failures are one line on stderr and exit 1, see cli/command.py)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from mailmesh.v1 import mailbox_service_pb2 as pb
-from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
+from mailmesh.v1 import types_pb2
 
-from mailmesh_common import auth
-from mailmesh_common.cli.status import read_endpoints
-from mailmesh_common.config import Settings, load_settings
+from mailmesh_common.cli.command import Mesh, add_command, add_group, call, command, every_page
 
-T = TypeVar("T")
 TIMEOUT_S = 15.0
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None))
-
-
-def _call(args: argparse.Namespace, fn: Callable[[pb_grpc.MailboxServiceStub, Any], Awaitable[T]]) -> T:
-    settings = _settings(args)
-    md = ((auth.TOKEN_KEY, settings.token()),)
-    # `mailmesh up` records where it put each service; fall back to the settings
-    target = (read_endpoints(settings.data_dir) or {}).get("svc_mailbox") or settings.addr("mailbox")
-
-    async def go() -> T:
-        async with grpc.aio.insecure_channel(target) as ch:
-            return await fn(pb_grpc.MailboxServiceStub(ch), md)
-
-    return asyncio.run(go())
-
-
-def _fail(exc: grpc.aio.AioRpcError, what: str) -> int:
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        print(f"mailmesh: {what}: the mailbox service is not reachable (is `mailmesh up` running?)",
-              file=sys.stderr)
-    else:
-        print(f"mailmesh: {what}: {exc.details()} ({code.name})", file=sys.stderr)
-    return 1
+LONG_TIMEOUT_S = 3600.0
+EXPORT_TIMEOUT_S = 86_400.0
+PAGE_SIZE = 1000
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -66,95 +37,68 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
+def _print_list(items: list[Any], as_json: bool, line: Any) -> None:
+    if as_json:
+        print(json.dumps([json_format.MessageToDict(x) for x in items], indent=2))
+    else:
+        for x in items:
+            print(line(x))
+
+
+@command("domain add")
 def domain_add(args: argparse.Namespace) -> int:
-    try:
-        r = _call(args, lambda s, md: s.CreateDomain(pb.CreateDomainRequest(name=args.domain), metadata=md,
-                                                     timeout=TIMEOUT_S))
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "domain add")
+    r = call(args, lambda m: m.mailbox.CreateDomain(pb.CreateDomainRequest(name=args.domain), timeout=TIMEOUT_S))
     print(f"domain {r.domain.name} added")
     return 0
 
 
+@command("domain list")
 def domain_list(args: argparse.Namespace) -> int:
-    async def all_pages(stub: pb_grpc.MailboxServiceStub, md: Any) -> list[Any]:
-        out, token = [], ""
-        while True:
-            r = await stub.ListDomains(pb.ListDomainsRequest(page_size=1000, page_token=token), metadata=md,
-                                       timeout=TIMEOUT_S)
-            out.extend(r.domains)
-            token = r.next_page_token
-            if not token:
-                return out
+    async def go(m: Mesh) -> list[types_pb2.Domain]:
+        return await every_page(lambda token: m.mailbox.ListDomains(
+            pb.ListDomainsRequest(page_size=PAGE_SIZE, page_token=token), timeout=TIMEOUT_S), "domains")
 
-    try:
-        domains = _call(args, all_pages)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "domain list")
-    if args.json:
-        print(json.dumps([json_format.MessageToDict(d) for d in domains], indent=2))
-    else:
-        for d in domains:
-            print(f"{d.name}\t{d.accounts_total} accounts")
+    _print_list(call(args, go), args.json, lambda d: f"{d.name}\t{d.accounts_total} accounts")
     return 0
 
 
+@command("user add")
 def user_add(args: argparse.Namespace) -> int:
     password = _read_password(args)
     req = pb.CreateAccountRequest(email=args.email, password=password, display_name=args.name or "",
                                   quota_bytes=args.quota or 0, aliases=args.alias or [])
-    try:
-        r = _call(args, lambda s, md: s.CreateAccount(req, metadata=md, timeout=TIMEOUT_S))
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user add")
+    r = call(args, lambda m: m.mailbox.CreateAccount(req, timeout=TIMEOUT_S))
     print(f"user {r.account.email} added (id {r.account.user_id})")
     return 0
 
 
+@command("user list")
 def user_list(args: argparse.Namespace) -> int:
-    async def all_pages(stub: pb_grpc.MailboxServiceStub, md: Any) -> list[Any]:
-        out, token = [], ""
-        while True:
-            r = await stub.ListAccounts(pb.ListAccountsRequest(domain=args.domain or "", page_size=1000,
-                                                               page_token=token), metadata=md, timeout=TIMEOUT_S)
-            out.extend(r.accounts)
-            token = r.next_page_token
-            if not token:
-                return out
+    async def go(m: Mesh) -> list[types_pb2.Account]:
+        return await every_page(lambda token: m.mailbox.ListAccounts(
+            pb.ListAccountsRequest(domain=args.domain or "", page_size=PAGE_SIZE, page_token=token),
+            timeout=TIMEOUT_S), "accounts")
 
-    try:
-        accounts = _call(args, all_pages)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user list")
-    if args.json:
-        print(json.dumps([json_format.MessageToDict(a) for a in accounts], indent=2))
-    else:
-        for a in accounts:
-            print(f"{a.email}\t{a.user_id}\t{a.messages_total} messages\t{a.used_bytes} bytes")
+    _print_list(call(args, go), args.json,
+                lambda a: f"{a.email}\t{a.user_id}\t{a.messages_total} messages\t{a.used_bytes} bytes")
     return 0
 
 
+@command("user passwd")
 def user_passwd(args: argparse.Namespace) -> int:
     password = _read_password(args)
 
-    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> None:
-        acct = await stub.GetAccount(pb.GetAccountRequest(email=args.email), metadata=md, timeout=TIMEOUT_S)
-        await stub.SetPassword(pb.SetPasswordRequest(name=f"users/{acct.account.user_id}", password=password),
-                               metadata=md, timeout=TIMEOUT_S)
+    async def go(m: Mesh) -> None:
+        user = await m.user_id(args.email, TIMEOUT_S)
+        await m.mailbox.SetPassword(pb.SetPasswordRequest(name=f"users/{user}", password=password),
+                                    timeout=TIMEOUT_S)
 
-    try:
-        _call(args, go)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user passwd")
+    call(args, go)
     print(f"password of {args.email} changed")
     return 0
 
 
-async def _user_id(stub: pb_grpc.MailboxServiceStub, md: Any, email: str) -> str:
-    acct = await stub.GetAccount(pb.GetAccountRequest(email=email), metadata=md, timeout=TIMEOUT_S)
-    return str(acct.account.user_id)
-
-
+@command("user delete")
 def user_delete(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
@@ -164,28 +108,24 @@ def user_delete(args: argparse.Namespace) -> int:
             print("mailmesh: not confirmed; nothing deleted", file=sys.stderr)
             return 1
 
-    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> int:
-        user = await _user_id(stub, md, args.email)
-        r = await stub.DeleteAccount(pb.DeleteAccountRequest(name=f"users/{user}"), metadata=md, timeout=3600)
+    async def go(m: Mesh) -> int:
+        user = await m.user_id(args.email, TIMEOUT_S)
+        r = await m.mailbox.DeleteAccount(pb.DeleteAccountRequest(name=f"users/{user}"), timeout=LONG_TIMEOUT_S)
         return int(r.deleted_messages)
 
-    try:
-        n = _call(args, go)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user delete")
+    n = call(args, go)
     print(f"user {args.email} deleted ({n} messages)")
     return 0
 
 
+@command("user recount")
 def user_recount(args: argparse.Namespace) -> int:
-    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> pb.RecountMailboxResponse:
-        user = await _user_id(stub, md, args.email)
-        return await stub.RecountMailbox(pb.RecountMailboxRequest(name=f"users/{user}"), metadata=md, timeout=3600)
+    async def go(m: Mesh) -> pb.RecountMailboxResponse:
+        user = await m.user_id(args.email, TIMEOUT_S)
+        return await m.mailbox.RecountMailbox(pb.RecountMailboxRequest(name=f"users/{user}"),
+                                              timeout=LONG_TIMEOUT_S)
 
-    try:
-        r = _call(args, go)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user recount")
+    r = call(args, go)
     print(f"{args.email}: {r.account.messages_total} messages, {r.account.used_bytes} bytes")
     for label in r.labels:
         print(f"  {label.name}\t{label.messages_total} messages\t{label.messages_unread} unread"
@@ -217,24 +157,25 @@ def _save_token(path: str, token: str) -> None:
     os.replace(tmp, path)
 
 
+@command("user export")
 def user_export(args: argparse.Namespace) -> int:
-    out = open(args.output, "ab" if args.resume else "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
     token_file = f"{args.output}.resume" if args.output else ""
     token = ""
     if args.resume and token_file and os.path.exists(token_file):
         with open(token_file) as f:
             token = f.read().strip()
+    out = open(args.output, "ab" if args.resume else "wb") if args.output else sys.stdout.buffer  # noqa: SIM115
 
-    async def go(stub: pb_grpc.MailboxServiceStub, md: Any) -> int:
-        user = await _user_id(stub, md, args.email)
+    async def go(m: Mesh) -> int:
+        user = await m.user_id(args.email, TIMEOUT_S)
         n = 0
-        call = stub.ExportMessages(pb.ExportMessagesRequest(parent=f"users/{user}", label_id=args.label or "",
-                                                            page_token=token), metadata=md, timeout=86400)
-        async for item in call:
-            m = item.message
-            senders = getattr(m, "from")
+        stream = m.mailbox.ExportMessages(pb.ExportMessagesRequest(parent=f"users/{user}", label_id=args.label or "",
+                                                                   page_token=token), timeout=EXPORT_TIMEOUT_S)
+        async for item in stream:
+            msg = item.message
+            senders = getattr(msg, "from")
             sender = senders[0].email if len(senders) else ""
-            out.write(_mbox_entry(sender, m.internal_date.seconds, item.raw, list(m.label_ids)))
+            out.write(_mbox_entry(sender, msg.internal_date.seconds, item.raw, list(msg.label_ids)))
             n += 1
             if token_file:
                 out.flush()
@@ -242,9 +183,7 @@ def user_export(args: argparse.Namespace) -> int:
         return n
 
     try:
-        n = _call(args, go)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "user export")
+        n = call(args, go)
     finally:
         if out is not sys.stdout.buffer:
             out.close()
@@ -254,11 +193,6 @@ def user_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="data dir of the running mesh (for its internal token)")
-    p.add_argument("--config", help="TOML settings file")
-
-
 def _password_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password", help="the password (prompted when omitted; visible in `ps`, prefer the prompt)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
@@ -266,52 +200,32 @@ def _password_opts(p: argparse.ArgumentParser) -> None:
 
 def add_admin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Registers the admin subcommands; each sets `func(args) -> int` on its parser."""
-    dom = sub.add_parser("domain", help="local mail domains")
-    dsub = dom.add_subparsers(dest="domain_command", metavar="COMMAND")
-    p = dsub.add_parser("add", help="add a domain this installation receives mail for")
+    dom = add_group(sub, "domain", "local mail domains")
+    p = add_command(dom, "add", domain_add, "add a domain this installation receives mail for")
     p.add_argument("domain")
-    _common(p)
-    p.set_defaults(func=domain_add)
-    p = dsub.add_parser("list", help="list local domains")
+    p = add_command(dom, "list", domain_list, "list local domains")
     p.add_argument("--json", action="store_true")
-    _common(p)
-    p.set_defaults(func=domain_list)
-    dom.set_defaults(func=lambda _a: (dom.print_help(sys.stderr), 2)[1])
 
-    usr = sub.add_parser("user", help="mail accounts")
-    usub = usr.add_subparsers(dest="user_command", metavar="COMMAND")
-    p = usub.add_parser("add", help="create an account")
+    usr = add_group(sub, "user", "mail accounts")
+    p = add_command(usr, "add", user_add, "create an account")
     p.add_argument("email")
     p.add_argument("--name", help="display name")
     p.add_argument("--quota", type=int, help="quota in bytes (default from settings)")
     p.add_argument("--alias", action="append", help="extra address (repeatable)")
     _password_opts(p)
-    _common(p)
-    p.set_defaults(func=user_add)
-    p = usub.add_parser("list", help="list accounts")
+    p = add_command(usr, "list", user_list, "list accounts")
     p.add_argument("--domain")
     p.add_argument("--json", action="store_true")
-    _common(p)
-    p.set_defaults(func=user_list)
-    p = usub.add_parser("passwd", help="change an account's password")
+    p = add_command(usr, "passwd", user_passwd, "change an account's password")
     p.add_argument("email")
     _password_opts(p)
-    _common(p)
-    p.set_defaults(func=user_passwd)
-    p = usub.add_parser("delete", help="delete an account and all of its mail")
+    p = add_command(usr, "delete", user_delete, "delete an account and all of its mail")
     p.add_argument("email")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    _common(p)
-    p.set_defaults(func=user_delete)
-    p = usub.add_parser("recount", help="rebuild a mailbox's counters from its indexes")
+    p = add_command(usr, "recount", user_recount, "rebuild a mailbox's counters from its indexes")
     p.add_argument("email")
-    _common(p)
-    p.set_defaults(func=user_recount)
-    p = usub.add_parser("export", help="export a mailbox as an mboxrd file (labels in X-Mailmesh-Labels)")
+    p = add_command(usr, "export", user_export, "export a mailbox as an mboxrd file (labels in X-Mailmesh-Labels)")
     p.add_argument("email")
     p.add_argument("--label", help="only messages with this label id")
     p.add_argument("--output", "-o", help="file to write (default: standard output)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted export into --output")
-    _common(p)
-    p.set_defaults(func=user_export)
-    usr.set_defaults(func=lambda _a: (usr.print_help(sys.stderr), 2)[1])

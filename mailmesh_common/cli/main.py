@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailmesh_common.cli.admin import add_admin_commands
+from mailmesh_common.cli.command import add_group, usage
 from mailmesh_common.cli.search import add_search_commands
 from mailmesh_common.cli.send import add_send_commands
 from mailmesh_common.cli.spam import add_spam_commands
@@ -39,23 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_up_command(sub)
     add_status_command(sub)
-    dev = sub.add_parser("dev", help="developer tools")
-    dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND")
+    dev_sub = add_group(sub, "dev", "developer tools")
     gen = dev_sub.add_parser("gen", help="regenerate gen/ from protos/ (grpcio-tools, mypy-protobuf)")
     gen.add_argument("--out", help="output directory (default: the checkout's gen/)")
     gen.set_defaults(func=run_gen)
-    dev.set_defaults(func=lambda _args: _usage(dev))
     add_admin_commands(sub)
     add_search_commands(sub)
     add_spam_commands(sub)
     add_send_commands(sub)
-    parser.set_defaults(func=lambda _args: _usage(parser))
+    parser.set_defaults(func=usage(parser))
     return parser
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -9,55 +9,33 @@ the running svc_send's SendService (the mesh token from the data dir).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from mailmesh.v1 import send_service_pb2 as spb
-from mailmesh.v1 import send_service_pb2_grpc as spb_grpc
 from mailmesh.v1 import types_pb2
 
-from mailmesh_common import auth
-from mailmesh_common.cli.status import read_endpoints
-from mailmesh_common.config import Settings, load_settings
-from mailmesh_common.errors import MailmeshError
+from mailmesh_common.cli.command import (
+    Mesh,
+    add_command,
+    add_group,
+    call,
+    command,
+    every_page,
+    fail,
+    settings_of,
+)
 
-T = TypeVar("T")
 TIMEOUT_S = 15.0
 _STATE = {v: k.removeprefix("QUEUE_ENTRY_STATE_").lower() for k, v in spb.QueueEntryState.items()}
 ALGORITHMS = ("rsa", "ed25519")  # svc_send.dkim_keys (imported only when a key is made)
 DEFAULT_SELECTOR = "mail"
 _RCPT_STATE = {v: k.removeprefix("RECIPIENT_STATE_").lower() for k, v in types_pb2.RecipientState.items()}
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None))
-
-
-def _call(args: argparse.Namespace, fn: Callable[[spb_grpc.SendServiceStub, Any], Awaitable[T]]) -> T:
-    settings = _settings(args)
-    md = ((auth.TOKEN_KEY, settings.token()),)
-    target = (read_endpoints(settings.data_dir) or {}).get("svc_send") or settings.addr("send")
-
-    async def go() -> T:
-        async with grpc.aio.insecure_channel(target) as ch:
-            return await fn(spb_grpc.SendServiceStub(ch), md)
-
-    return asyncio.run(go())
-
-
-def _fail(exc: grpc.aio.AioRpcError, what: str) -> int:
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        print(f"mailmesh: {what}: the send service is not reachable (is `mailmesh up` running?)", file=sys.stderr)
-    else:
-        print(f"mailmesh: {what}: {exc.details()} ({exc.code().name})", file=sys.stderr)
-    return 1
 
 
 def _when(t: Timestamp) -> str:
@@ -76,76 +54,62 @@ def _age(t: Timestamp) -> str:
 
 # --- dkim ---------------------------------------------------------------------------------------
 
-def _key_store(settings: Settings) -> Any:
-    """svc_send's DKIM key store on its KV (send.db in the data dir, or FoundationDB)."""
+@contextlib.contextmanager
+def _key_store(args: argparse.Namespace) -> Iterator[Any]:
+    """svc_send's DKIM key store on its KV (send.db in the data dir, or FoundationDB), closed after use."""
     from svc_send.dkim_keys import DkimKeyStore
     from svc_send.store import open_send_db
 
-    return DkimKeyStore(open_send_db(settings))
-
-
-def _print_record(key: Any) -> None:
-    print(f"{key.record_name}. IN TXT \"{key.txt_record()}\"")
-
-
-def dkim_keygen(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    keys = DkimKeyStore(open_send_db(settings_of(args)))
     try:
-        keys = _key_store(settings)
-        try:
-            key = keys.put_sync(keys.new_key(args.domain, args.selector, args.algorithm), force=args.force)
-        finally:
-            keys.db.close_sync()
-    except MailmeshError as exc:
-        print(f"mailmesh: dkim keygen: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) stored in the send store")
-    print("Publish this TXT record, then mail from the domain is signed with it:")
+        yield keys
+    finally:
+        keys.db.close_sync()
+
+
+def _print_stored(key: Any, where: str, advice: str) -> None:
+    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) {where}")
+    print(advice)
     _print_record(key)
+
+
+def _print_record(key: Any, indent: str = "") -> None:
+    print(f"{indent}{key.record_name}. IN TXT \"{key.txt_record()}\"")
+
+
+@command("dkim keygen")
+def dkim_keygen(args: argparse.Namespace) -> int:
+    with _key_store(args) as keys:
+        key = keys.put_sync(keys.new_key(args.domain, args.selector, args.algorithm), force=args.force)
+    _print_stored(key, "stored in the send store",
+                  "Publish this TXT record, then mail from the domain is signed with it:")
     return 0
 
 
+@command("dkim import")
 def dkim_import(args: argparse.Namespace) -> int:
-    settings = _settings(args)
     try:
         with open(args.file, "rb") as f:
             pem = f.read(1024 * 1024)
     except OSError as exc:
-        print(f"mailmesh: dkim import: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 1
-    try:
-        keys = _key_store(settings)
-        try:
-            key = keys.put_sync(keys.key_from_pem(args.domain, args.selector, pem), force=args.force)
-        finally:
-            keys.db.close_sync()
-    except MailmeshError as exc:
-        print(f"mailmesh: dkim import: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"DKIM {key.algorithm} key for {key.domain} (selector {key.selector}) imported into the send store")
-    print("Its TXT record (publish it if it is not published yet):")
-    _print_record(key)
+        return fail("dkim import", f"cannot read {args.file}: {exc.strerror}")
+    with _key_store(args) as keys:
+        key = keys.put_sync(keys.key_from_pem(args.domain, args.selector, pem), force=args.force)
+    _print_stored(key, "imported into the send store", "Its TXT record (publish it if it is not published yet):")
     return 0
 
 
+@command("dkim list")
 def dkim_list(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    try:
-        keys = _key_store(settings)
-        try:
-            found = keys.list_sync(args.domain or "")
-        finally:
-            keys.db.close_sync()
-    except MailmeshError as exc:
-        print(f"mailmesh: dkim list: {exc.message}", file=sys.stderr)
-        return 1
+    with _key_store(args) as keys:
+        found = keys.list_sync(args.domain or "")
     if not found:
         print("no DKIM keys")
         return 0
     for key in found:
         created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         print(f"{key.domain}  selector {key.selector}  {key.algorithm}  created {created}")
-        print(f"  {key.record_name}. IN TXT \"{key.txt_record()}\"")
+        _print_record(key, "  ")
     return 0
 
 
@@ -174,22 +138,14 @@ def _entry_lines(e: spb.QueueEntry) -> list[str]:
     return lines
 
 
+@command("queue list")
 def queue_list(args: argparse.Namespace) -> int:
-    async def all_pages(stub: spb_grpc.SendServiceStub, md: Any) -> list[spb.QueueEntry]:
-        out: list[spb.QueueEntry] = []
-        token = ""
-        while True:
-            r = await stub.ListQueue(spb.ListQueueRequest(domain=args.domain or "", page_size=1000, page_token=token),
-                                     metadata=md, timeout=TIMEOUT_S)
-            out.extend(r.entries)
-            token = r.next_page_token
-            if not token or len(out) >= args.limit:
-                return out[:args.limit]
+    async def go(m: Mesh) -> list[spb.QueueEntry]:
+        return await every_page(lambda token: m.send.ListQueue(
+            spb.ListQueueRequest(domain=args.domain or "", page_size=1000, page_token=token), timeout=TIMEOUT_S),
+            "entries", args.limit)
 
-    try:
-        entries = _call(args, all_pages)
-    except grpc.aio.AioRpcError as exc:
-        return _fail(exc, "queue list")
+    entries = call(args, go)
     if args.json:
         print(json.dumps([json_format.MessageToDict(e) for e in entries], indent=2))
         return 0
@@ -209,18 +165,15 @@ def queue_list(args: argparse.Namespace) -> int:
 
 
 def _entry_command(rpc: str, verb: str) -> Callable[[argparse.Namespace], int]:
+    @command(f"queue {verb}")
     def run(args: argparse.Namespace) -> int:
-        name = f"queueEntries/{args.id}"
+        req = getattr(spb, f"{rpc}Request")(name=f"queueEntries/{args.id}")
 
-        async def go(stub: spb_grpc.SendServiceStub, md: Any) -> spb.QueueEntry:
-            req_type = getattr(spb, f"{rpc}Request")
-            r = await getattr(stub, rpc)(req_type(name=name), metadata=md, timeout=TIMEOUT_S)
+        async def go(m: Mesh) -> spb.QueueEntry:
+            r = await getattr(m.send, rpc)(req, timeout=TIMEOUT_S)
             return r.entry  # type: ignore[no-any-return]
 
-        try:
-            entry = _call(args, go)
-        except grpc.aio.AioRpcError as exc:
-            return _fail(exc, f"queue {verb}")
+        entry = call(args, go)
         if getattr(args, "json", False):
             print(json.dumps(json_format.MessageToDict(entry), indent=2))
             return 0
@@ -235,58 +188,34 @@ def _entry_command(rpc: str, verb: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="data dir of the running mesh (for its internal token)")
-    p.add_argument("--config", help="TOML settings file")
-
-
 def add_send_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Adds `dkim` and `queue` to the `mailmesh` command."""
-    dkim = sub.add_parser("dkim", help="DKIM signing keys")
-    dsub = dkim.add_subparsers(dest="dkim_command", metavar="COMMAND")
-    p = dsub.add_parser("keygen", help="create a DKIM key for a domain and print the TXT record to publish")
+    dkim = add_group(sub, "dkim", "DKIM signing keys")
+    p = add_command(dkim, "keygen", dkim_keygen, "create a DKIM key for a domain and print the TXT record to publish")
     p.add_argument("--domain", required=True, help="the sending domain, e.g. example.com")
     p.add_argument("--selector", default=DEFAULT_SELECTOR, help=f"DKIM selector (default {DEFAULT_SELECTOR})")
     p.add_argument("--algorithm", choices=ALGORITHMS, default="rsa",
                    help="rsa (2048-bit, rsa-sha256) or ed25519 (RFC 8463); default rsa")
     p.add_argument("--force", action="store_true", help="replace an existing key of that selector")
-    _common(p)
-    p.set_defaults(func=dkim_keygen)
-    p = dsub.add_parser("import", help="store an existing private key (PEM, RSA or Ed25519) for a domain")
+    p = add_command(dkim, "import", dkim_import, "store an existing private key (PEM, RSA or Ed25519) for a domain")
     p.add_argument("--domain", required=True, help="the sending domain, e.g. example.com")
     p.add_argument("--selector", required=True, help="the selector its public key is published under")
     p.add_argument("--file", required=True, help="the unencrypted PEM private key (PKCS#8 or PKCS#1)")
     p.add_argument("--force", action="store_true", help="replace an existing key of that selector")
-    _common(p)
-    p.set_defaults(func=dkim_import)
-    p = dsub.add_parser("list", help="the stored keys and the TXT record of each")
+    p = add_command(dkim, "list", dkim_list, "the stored keys and the TXT record of each")
     p.add_argument("--domain", help="only this domain's keys")
-    _common(p)
-    p.set_defaults(func=dkim_list)
-    dkim.set_defaults(func=lambda _a: _usage(dkim))
 
-    queue = sub.add_parser("queue", help="the outbound queue (mail waiting for remote servers)")
-    qsub = queue.add_subparsers(dest="queue_command", metavar="COMMAND")
-    p = qsub.add_parser("list", help="what is waiting, for whom, since when, and why")
+    queue = add_group(sub, "queue", "the outbound queue (mail waiting for remote servers)")
+    p = add_command(queue, "list", queue_list, "what is waiting, for whom, since when, and why")
     p.add_argument("--domain", help="only deliveries to this domain")
     p.add_argument("--limit", type=int, default=1000, help="at most this many entries (default 1000)")
     p.add_argument("--json", action="store_true")
-    _common(p)
-    p.set_defaults(func=queue_list)
     for verb, rpc, text in (("show", "GetQueueEntry", "one entry with each recipient's state"),
                             ("retry", "RetryQueueEntry", "attempt a waiting entry now"),
                             ("cancel", "CancelQueueEntry", "give up an entry; its pending recipients bounce")):
-        p = qsub.add_parser(verb, help=text)
+        p = add_command(queue, verb, _entry_command(rpc, verb), text)
         p.add_argument("id", help="queue entry id (from `mailmesh queue list`)")
         p.add_argument("--json", action="store_true")
-        _common(p)
-        p.set_defaults(func=_entry_command(rpc, verb))
-    queue.set_defaults(func=lambda _a: _usage(queue))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 __all__ = ["add_send_commands"]

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from mailmesh_common.natsserver import spawn, stop_processes
-from tests.conftest import SERVICE_PORT_VARS, MeshProcess, child_env, grpc_health, run_mailmesh, wait_until
+from tests.conftest import SERVICE_PORT_VARS, MeshProcess, run_mailmesh
 
 
 def lines_by_name(stdout: str) -> dict[str, list[str]]:
@@ -44,21 +40,6 @@ def test_nothing_running_is_unreachable_and_exits_1(tmp_path: Path, mesh_setting
     assert set(rows) == {*SERVICE_PORT_VARS, "nats"}
     assert {row[-1] for row in rows.values()} == {"UNREACHABLE"}
     assert rows["svc_mailbox"][1] == f"127.0.0.1:{mesh_settings['MAILMESH_MAILBOX_PORT']}"
-
-
-@pytest.fixture
-def lone_search(tmp_path: Path, nats_server: str, mesh_settings: dict[str, str]) -> Iterator[dict[str, str]]:
-    """svc_search alone, on the `nats_server` fixture; yields the settings it runs with."""
-    env = {**mesh_settings, "MAILMESH_NATS_PORT": nats_server.rsplit(":", 1)[1]}
-    proc = spawn([sys.executable, "-m", "svc_search"], log_file=tmp_path / "svc_search.log",
-                 env=child_env(env), cwd=tmp_path)
-    try:
-        wait_until(lambda: proc.poll() is not None or grpc_health(int(env["MAILMESH_SEARCH_PORT"]), 0.5)
-                   == "SERVING", 30, "svc_search to serve")
-        assert proc.poll() is None, (tmp_path / "svc_search.log").read_text()
-        yield env
-    finally:
-        stop_processes([proc], 10)
 
 
 def test_partial_mesh_names_what_is_down_and_exits_1(tmp_path: Path, lone_search: dict[str, str]) -> None:

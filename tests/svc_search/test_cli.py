@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import pytest
 from mailmesh.v1 import mailbox_service_pb2 as mpb
 
-from mailmesh_common.cli.search import add_search_commands
+from mailmesh_common.cli.main import run
 from tests.svc_search.conftest import Search, new_users
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="mailmesh")
-    add_search_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(list(argv))
-    return int(args.func(args))
+    return run(argv)
 
 
 @pytest.fixture

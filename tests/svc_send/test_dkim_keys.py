@@ -5,27 +5,19 @@ example.com keys come that way)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 from pathlib import Path
 
 import pytest
 
-from mailmesh_common.cli.send import add_send_commands
+from mailmesh_common.cli.main import run as _cli
 from mailmesh_common.dns import Resolver
 from svc_ingest.checks.dkim import verify_dkim
 from svc_send.dkim_keys import new_private_pem
 from tests.svc_send.conftest import REMOTE, SendMesh, wait_for
 
 _RECORD = re.compile(r'^\s*(\S+)\. IN TXT "(v=DKIM1; [^"]+)"$', re.MULTILINE)
-
-
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mailmesh")
-    add_send_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 def test_dkim_keygen_import_and_list_work_on_the_send_store(tmp_path: Path,

@@ -4,7 +4,6 @@ cancel (the pending recipients bounce)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 
@@ -13,15 +12,8 @@ import pytest
 from mailmesh.v1 import send_service_pb2 as spb
 from mailmesh.v1 import types_pb2
 
-from mailmesh_common.cli.send import add_send_commands
+from mailmesh_common.cli.main import run as _cli
 from tests.svc_send.conftest import SendMesh, auth_md, wait_for
-
-
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mailmesh")
-    add_send_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
 
 
 def _config(sm: SendMesh, tmp: Path) -> list[str]:
