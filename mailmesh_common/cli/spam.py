@@ -5,11 +5,14 @@ Both work directly on the spam model's KV store, so the mesh need not be running
 every svc_ingest replica reads). A folder holds one raw RFC 5322 message per file (an mbox
 `From ` first line is fine); subfolders are included, dot files skipped.
 
-`train` also fits the combiner (svc_ingest/spam/combine.py: how the model's indicators and the
-local rules make one score, and the cut at 0.1 % false positives) by cross-validation inside
-the folders it was given, stores it with the model, and prints the cross-validated figures;
-train on everything you have in one run so the fit sees it all (a run on fewer messages than
-the stored combiner was fitted on keeps the stored one unless --refit).
+`train` also fits the combiner (svc_ingest/spam/combine.py: how the model's indicators, the
+byte model's log-odds and the local rules make one score, and the cut at 0.1 % false
+positives) by cross-validation inside the folders it was given, stores it with the model
+together with the byte model (svc_ingest/spam/bytemodel.py) it trained on the same messages,
+and prints the cross-validated figures; train on everything you have in one run so the fit
+sees it all (a run on fewer messages than the stored combiner was fitted on keeps the stored
+one unless --refit). With --no-fit, --user, or a fit that is not stored, the byte model
+instead takes one online step per message that changed the model, as feedback does.
 
 `eval` scores every message through SpamFilter.classify, the function live mail goes through,
 with the same rules and threshold, and prints JSON: counts, detection rate, false-positive rate.

@@ -2,11 +2,13 @@
 
     tokenizer.py  raw message -> headers, links, relays, tokens
     bayes.py      token counts in the KV store; Robinson f(w) + Fisher chi-squared combining
+    bytemodel.py  online logistic regression over hashed byte 4-grams of the raw message's
+                  start, its weights in the KV store (one more input of the combiner)
     rules.py      weighted local rules and SPF/DKIM/DMARC results
     combine.py    the learned combiner: logistic regression over the model's per-group
                   evidence and the rule hits, fitted by `mailmesh spam train`, stored with the model
     filter.py     SpamFilter: classify / train / headers (what the SMTP pipeline calls)
-    feedback.py   EVENTS consumer: a user adding or removing SPAM trains the model
+    feedback.py   EVENTS consumer: a user adding or removing SPAM trains the models
 
 The model's store: `{data_dir}/ingest.db` (embedded SQLite) or FoundationDB when
 `fdb_cluster_file` (MAILMESH_FDB_CLUSTER_FILE) is set; see spam_db_url. Every ingest replica

@@ -32,6 +32,7 @@ Key layout (tuple keys in the filter's subspace, default ("spam",)):
     ("g", "m", message_key)             chunked: class + tokens a message was trained with
     ("c",)                              the learned combiner (combine.py), JSON
     ("u", user_id, ...)                 the same three families for one user's adjustments
+    ("x", ...), ("u", user_id, "x", ...)  the byte model's weights (bytemodel.py)
 
 Counters use the atomic ADD so concurrent trainers on any replica never lose an update, and
 the training record makes training idempotent per message: retraining as the same class is a
@@ -63,6 +64,7 @@ from mailmesh_common.kv import (
     set_chunked,
 )
 from mailmesh_common.kv.sqlite import SqliteDatabase
+from svc_ingest.spam.bytemodel import ByteModel, Snapshot
 from svc_ingest.spam.tokenizer import GROUPS, token_group
 
 __all__ = [
@@ -125,6 +127,11 @@ class BayesResult:
     # (token group, spam evidence S, ham evidence H) of each group's tokens, GROUPS order
     parts: tuple[tuple[str, float, float], ...] = ()
     combiner: bytes | None = None  # the stored combiner (combine.Combiner.to_bytes), if fitted
+    # the byte model (bytemodel.py): the replica's snapshot of the global weights, read with
+    # the combiner; and the message's log-odds when the caller computed it (SpamFilter.score:
+    # global weights plus the user's adjustments)
+    byte_snapshot: Snapshot | None = None
+    byte_logit: float | None = None
 
 
 def token_prob(spam: float, ham: float, nspam: float, nham: float) -> float:
@@ -329,6 +336,7 @@ class BayesModel:
         self._combiner_key = space.pack(("c",))
         self._combiner: tuple[float, bytes | None] | None = None  # (read at, value)
         self._cache = _TokenCache(TOKEN_CACHE_TTL_S, TOKEN_CACHE_MAX)
+        self.bytes = ByteModel(db, space)  # the byte model's state in the same subspace
 
     def _scope(self, user_id: str) -> _Scope:
         return _Scope(self.space.subspace(("u", user_id))) if user_id else self._global
@@ -435,6 +443,7 @@ class BayesModel:
         if glob.spam < self.min_trained or glob.ham < self.min_trained:
             return BayesResult(0.5, False, (), glob)
         combiner = await self.combiner()
+        snapshot = await self.bytes.snapshot() if combiner is not None else None
         counts: dict[str, tuple[float, float]] = dict(await self._global_token_counts(tokens))
         nspam: float = glob.spam
         nham: float = glob.ham
@@ -448,16 +457,16 @@ class BayesModel:
                     counts[token] = (gs + USER_WEIGHT * s, gh + USER_WEIGHT * h)
         probability, clues, parts = clues_and_parts(counts, nspam, nham)
         return BayesResult(probability, True, tuple(clues), glob,
-                           tuple((g, *parts[g]) for g in GROUPS), combiner)
+                           tuple((g, *parts[g]) for g in GROUPS), combiner, snapshot)
 
     # --- training ----------------------------------------------------------------------------
 
     @staticmethod
     def _apply(tr: Transaction, scope: _Scope, items: Sequence[TrainItem],
-               forget: bool = False) -> int:
+               forget: bool = False, changed_keys: set[str] | None = None) -> int:
         """Train (or, with forget, untrain) items in one scope: read each training record,
         merge every change into one delta per counter, write deltas and records. Returns
-        how many messages changed."""
+        how many messages changed (their keys added to changed_keys)."""
         deltas: dict[bytes, int] = defaultdict(int)
         changed = 0
         for item in items:
@@ -473,6 +482,8 @@ class BayesModel:
             elif forget:
                 continue
             changed += 1
+            if changed_keys is not None:
+                changed_keys.add(item.key)
             if forget:
                 clear_chunked(tr, record_key)
                 continue
@@ -486,12 +497,13 @@ class BayesModel:
         return changed
 
     async def train_batch(self, items: Sequence[TrainItem], *,
-                          user_ids: Iterable[str] = ("",)) -> int:
+                          user_ids: Iterable[str] = ("",), changed_keys: set[str] | None = None) -> int:
         """Count messages as spam or ham in each scope ("" = global). Idempotent per
         (scope, key): a message already trained as the same class is skipped, one trained as
         the other class is moved. Items sharing a key: the last one wins. Runs in as few
         transactions as MAX_UPDATES_PER_TRANSACTION allows (a message is never split); returns
-        how many (scope, message) trainings changed something."""
+        how many (scope, message) trainings changed something, and adds the keys of the
+        messages that changed in some scope to changed_keys."""
         scopes = [self._scope(u) for u in dict.fromkeys(user_ids)]
         unique = list({item.key: TrainItem(item.key, list(dict.fromkeys(item.tokens)), item.is_spam)
                        for item in items}.values())
@@ -501,38 +513,42 @@ class BayesModel:
         for item in unique:
             cost = (len(item.tokens) + 1) * len(scopes)
             if batch and size + cost > MAX_UPDATES_PER_TRANSACTION:
-                changed += await self._commit(scopes, batch)
+                changed += await self._commit(scopes, batch, changed_keys=changed_keys)
                 batch, size = [], 0
             batch.append(item)
             size += cost
         if batch:
-            changed += await self._commit(scopes, batch)
+            changed += await self._commit(scopes, batch, changed_keys=changed_keys)
         return changed
 
     async def _commit(self, scopes: Sequence[_Scope], batch: Sequence[TrainItem],
-                      forget: bool = False) -> int:
+                      forget: bool = False, changed_keys: set[str] | None = None) -> int:
         # this replica sees its own training at once: reads racing the commit are not kept
         self._cache.clear()
         try:
-            return await self._commit_uncached(scopes, batch, forget)
+            return await self._commit_uncached(scopes, batch, forget, changed_keys)
         finally:
             self._cache.clear()
 
     async def _commit_uncached(self, scopes: Sequence[_Scope], batch: Sequence[TrainItem],
-                               forget: bool = False) -> int:
+                               forget: bool = False, changed_keys: set[str] | None = None) -> int:
         """Apply a batch in one transaction; one that runs into the 5 s limit (a loaded
         machine) is split in halves and retried, down to single messages."""
-        def fn(tr: Transaction) -> int:
-            return sum(self._apply(tr, scope, batch, forget) for scope in scopes)
+        def fn(tr: Transaction) -> tuple[int, set[str]]:
+            keys: set[str] = set()  # per attempt: a retried transaction starts afresh
+            return sum(self._apply(tr, scope, batch, forget, keys) for scope in scopes), keys
 
         try:
-            return await self.db.run(fn)
+            n, keys = await self.db.run(fn)
+            if changed_keys is not None:
+                changed_keys.update(keys)
+            return n
         except TransactionTimedOut:
             if len(batch) <= 1:
                 raise
         half = len(batch) // 2
-        return (await self._commit_uncached(scopes, batch[:half], forget)
-                + await self._commit_uncached(scopes, batch[half:], forget))
+        return (await self._commit_uncached(scopes, batch[:half], forget, changed_keys)
+                + await self._commit_uncached(scopes, batch[half:], forget, changed_keys))
 
     async def train(self, key: str, tokens: Sequence[str], *, is_spam: bool,
                     user_ids: Iterable[str] = ("",)) -> bool:

@@ -7,7 +7,8 @@ stores it with the model):
     score = DEFAULT_THRESHOLD + POINTS_PER_LOGIT * (z - cut)  +  fixed rule points
 
 where z is the regression's log-odds over the model's chi-squared evidence (over all tokens,
-and spam and ham evidence per token group) and the local rules it learned, and `cut` the
+and spam and ham evidence per token group), the local rules it learned and the byte model's
+log-odds (bytemodel.py: global weights plus the user's adjustments), and `cut` the
 log-odds that cross-validation
 inside the training folders chose for at most 0.1 % false positives. So the tuned cut sits at
 the default threshold 5.0; a message in the unsure region between the ham and spam clusters
@@ -15,6 +16,11 @@ lands one point from 5.0 per unit of log-odds from the cut, and a configured thr
 or below 5.0 makes the filter more lenient or stricter from there. Fixed points: the
 SPF/DKIM/DMARC rules (never learnable from folder mail) and local rules that fired too rarely
 in training to learn.
+
+The byte model learns with the token counts: a `spam train` fit replaces its fitted weights
+(trained on the same messages as the combiner); training one message at a time (feedback,
+train(), `spam train --no-fit` or `--user`) takes one online step on the global weights and the
+user's adjustments, once per message judgement, as the token counts are idempotent per message.
 
 Without a combiner (a model trained one message at a time, e.g. only through feedback):
 
@@ -33,14 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import sys
+from array import array
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 from mailmesh_common.kv import Database, Subspace
 from mailmesh_common.telemetry import tracer
-from svc_ingest.spam import combine
+from svc_ingest.spam import bytemodel, combine
 from svc_ingest.spam.bayes import BayesModel, BayesResult, Counts, TrainItem
 from svc_ingest.spam.rules import DEFAULT_WEIGHTS, LOCAL_RULES, AuthSummary, RuleHit, evaluate
 from svc_ingest.spam.tokenizer import Analysis, analyze
@@ -85,6 +94,9 @@ def message_key(analysis: Analysis) -> str:
     return hashlib.sha256(b"raw:" + analysis.raw).hexdigest()
 
 
+Learned = tuple[str, list[str], list[str], "array[int]"]  # learn_features: key, tokens, hits, buckets
+
+
 async def _aiter(items: Iterable[tuple[bytes, bool]]) -> AsyncIterator[tuple[bytes, bool]]:
     for item in items:
         yield item
@@ -97,12 +109,12 @@ def train_features(raw: bytes) -> tuple[str, list[str]]:
     return message_key(analysis), analysis.tokens
 
 
-def learn_features(raw: bytes) -> tuple[str, list[str], list[str]]:
-    """(message key, tokens, local rule hits) of a raw message: what training and fitting the
-    combiner need (picklable, for worker processes)."""
+def learn_features(raw: bytes) -> Learned:
+    """(message key, tokens, local rule hits, byte model buckets) of a raw message: what
+    training and fitting the combiner need (picklable, for worker processes)."""
     analysis = analyze(raw)
     hits = [h.name for h in evaluate(analysis, None) if h.name in LOCAL_RULES]
-    return message_key(analysis), analysis.tokens, hits
+    return message_key(analysis), analysis.tokens, hits, array("i", bytemodel.grams(raw))
 
 
 class SpamFilter:
@@ -116,6 +128,7 @@ class SpamFilter:
         self.threshold = threshold
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         self.model = BayesModel(db, Subspace((subspace_name,)), min_trained=min_trained)
+        self.bytes = self.model.bytes  # the byte model (bytemodel.py), same subspace
         # Where parsing and tokenizing run (CPU work kept off the event loop): the default
         # thread pool, or e.g. a process pool for bulk training.
         self.executor = executor
@@ -131,8 +144,23 @@ class SpamFilter:
                        user_id: str = "") -> Verdict:
         """Score one raw message; auth None means SPF/DKIM/DMARC were not checked."""
         analysis = await self.analyze(raw)
-        bayes = await self.model.score(analysis.tokens, user_id)
+        bayes = await self.score(analysis, user_id)
         return self.judge(analysis, bayes, auth)
+
+    async def score(self, analysis: Analysis, user_id: str = "") -> BayesResult:
+        """The models' evidence on an analysed message: the token model's (bayes.py) and, when
+        a combiner is stored, the byte model's log-odds (global weights plus the user's
+        adjustments)."""
+        bayes = await self.model.score(analysis.tokens, user_id)
+        if bayes.byte_snapshot is None:
+            return bayes
+        with tracer(__name__).start_as_current_span("spam.byte_model") as span:
+            buckets = bytemodel.grams(analysis.raw)
+            logit = bayes.byte_snapshot.logit(buckets)
+            if user_id:
+                logit += await self.bytes.user_logit(user_id, buckets)
+            span.set_attribute("mailmesh.spam.byte_logit", logit)
+        return dataclasses.replace(bayes, byte_logit=logit)
 
     def judge(self, analysis: Analysis, bayes: BayesResult,
               auth: AuthSummary | None = None) -> Verdict:
@@ -141,7 +169,12 @@ class SpamFilter:
         tests = [h.name for h in hits]
         comb = self._combiner(bayes.combiner) if bayes.ready else None
         if comb is not None:
-            x = combine.features(bayes.probability, {g: (sp, hm) for g, sp, hm in bayes.parts}, tests)
+            byte_logit = bayes.byte_logit
+            if byte_logit is None:  # scored by model.score alone: the global byte weights
+                snap = bayes.byte_snapshot
+                byte_logit = snap.logit(bytemodel.grams(analysis.raw)) if snap is not None else 0.0
+            x = combine.features(bayes.probability, {g: (sp, hm) for g, sp, hm in bayes.parts}, tests,
+                                 byte_logit)
             score = DEFAULT_THRESHOLD + POINTS_PER_LOGIT * (comb.log_odds(x) - comb.cut)
             score += sum(h.points for h in hits if not (h.name in LOCAL_RULES and comb.learned(h.name)))
             tests.insert(0, bayes_test(bayes.probability))
@@ -183,8 +216,11 @@ class SpamFilter:
     async def train_analysis(self, analysis: Analysis, *, is_spam: bool, user_id: str = "") -> bool:
         """train() for an already analysed message; True if the model changed."""
         scopes = ("", user_id) if user_id else ("",)
-        return await self.model.train(message_key(analysis), analysis.tokens, is_spam=is_spam,
-                                      user_ids=scopes)
+        changed = await self.model.train(message_key(analysis), analysis.tokens, is_spam=is_spam,
+                                         user_ids=scopes)
+        if changed:  # the byte model learns each judgement once, as the token counts do
+            await self.bytes.learn([(bytemodel.grams(analysis.raw), is_spam)], user_ids=scopes)
+        return changed
 
     async def train_many(self, items: Iterable[tuple[bytes, bool]] | AsyncIterator[tuple[bytes, bool]],
                          *, user_id: str = "", batch: int = 256, fit: bool = False,
@@ -195,28 +231,42 @@ class SpamFilter:
 
         With fit (global training only), the combiner is then fitted on these messages
         (combine.fit, cross-validated inside them) and stored with the model (see
-        fit_combiner); self.fitted holds it, or None with the reason in self.fit_note."""
+        fit_combiner) together with the byte model it trained on them; self.fitted holds it, or
+        None with the reason in self.fit_note. Without a stored fit, the byte model takes one
+        online step on each message whose training changed the model (as train() does)."""
         loop = asyncio.get_running_loop()
         scopes = ("", user_id) if user_id else ("",)
-        writing: asyncio.Task[int] | None = None
+        writing: asyncio.Task[None] | None = None
         fit = fit and not user_id
         fit_items: list[combine.FitItem] = []
+        changed: set[str] = set()
         self.fitted = None
 
-        async def flush(pending: list[tuple[asyncio.Future[tuple[str, list[str], list[str]]], bool]]) -> None:
+        async def write(done: list[TrainItem], grams: dict[str, array[int]]) -> None:
+            keys: set[str] = set()
+            await self.model.train_batch(done, user_ids=scopes, changed_keys=keys)
+            changed.update(keys)
+            if not fit:  # with fit the byte model is fitted below (or learns afterwards)
+                learned = {it.key: (grams[it.key], it.is_spam) for it in done if it.key in keys}
+                await self.bytes.learn(list(learned.values()), user_ids=scopes)
+
+        async def flush(pending: list[tuple[asyncio.Future[Learned], bool]]) -> None:
             nonlocal writing
             done = []
+            grams: dict[str, array[int]] = {}
             for fut, is_spam in pending:
-                key, tokens, hits = await fut
+                key, tokens, hits, buckets = await fut
                 done.append(TrainItem(key, tokens, is_spam))
+                grams[key] = buckets
                 if fit and len(fit_items) < combine.MAX_FIT_MESSAGES:
                     # interned: messages share most tokens, so the fit's copies stay small
-                    fit_items.append(combine.FitItem(key, [sys.intern(t) for t in tokens], is_spam, hits))
+                    fit_items.append(combine.FitItem(key, [sys.intern(t) for t in tokens], is_spam, hits,
+                                                     buckets))
             if writing is not None:
                 await writing
-            writing = asyncio.create_task(self.model.train_batch(done, user_ids=scopes))
+            writing = asyncio.create_task(write(done, grams))
 
-        pending: list[tuple[asyncio.Future[tuple[str, list[str], list[str]]], bool]] = []
+        pending: list[tuple[asyncio.Future[Learned], bool]] = []
         source = items if isinstance(items, AsyncIterator) else _aiter(items)
         try:
             async for raw, is_spam in source:
@@ -233,6 +283,9 @@ class SpamFilter:
                 writing.cancel()
         if fit:
             await self.fit_combiner(fit_items, replace=refit)
+            if self.fitted is None:  # no fit stored: learn what changed one step at a time
+                learned = {it.key: (it.grams, it.is_spam) for it in fit_items if it.key in changed}
+                await self.bytes.learn(list(learned.values()))
         counts = await self.model.counts()
         return counts.spam, counts.ham
 
@@ -245,7 +298,9 @@ class SpamFilter:
         self.fitted, self.fit_note = None, ""
         with tracer(__name__).start_as_current_span("spam.fit_combiner") as span:
             span.set_attribute("mailmesh.spam.messages", len(items))
-            fitted = await asyncio.get_running_loop().run_in_executor(None, combine.fit, items)
+            mapper = self.executor.map if self.executor is not None else map
+            fitted = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(combine.fit, items, mapper=mapper))
             if fitted is None:
                 self.fit_note = (f"too few messages of a class to cross-validate (fewer than "
                                  f"{combine.MIN_PER_CLASS}); the stored combiner, if any, is unchanged")
@@ -256,6 +311,8 @@ class SpamFilter:
                                  f"{stored.messages}: kept the stored one (--refit replaces it)")
                 span.set_attribute("mailmesh.spam.kept_stored", True)
                 return None
+            if fitted.byte_weights is not None:  # first: the combiner weighs this byte model
+                await self.bytes.store_fit(fitted.byte_weights)
             await self.model.set_combiner(fitted.to_bytes())
             for name, value in fitted.cv.items():
                 if not name.startswith("hits:"):

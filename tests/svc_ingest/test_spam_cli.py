@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from array import array
 from pathlib import Path
 
 import pytest
@@ -82,12 +83,33 @@ def test_train_then_eval_prints_counts_and_rates(tmp_path: Path, folders: dict[s
     assert model_counts(data) == (24, 26)  # eval never trains
 
 
+def byte_weights(data: Path) -> array[int]:
+    """The byte model's global weights stored in data's ingest.db."""
+    async def go() -> array[int]:
+        db = open_database(data / "ingest.db")
+        try:
+            return (await SpamFilter(db).bytes.snapshot()).weights
+        finally:
+            await db.close()
+
+    return asyncio.run(go())
+
+
 def test_training_twice_changes_nothing(tmp_path: Path, folders: dict[str, Path],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     args = ("train", "--ham", str(folders["ham"]), "--spam", str(folders["spam"]), "--data-dir", str(data))
     assert run(capsys, *args)[0] == 0
+    weights = byte_weights(data)
+    assert any(weights)  # train fitted the byte model too, stored in the KV store
     assert run(capsys, *args)[1]["model"] == {"spam_messages": 24, "ham_messages": 26}
+    assert byte_weights(data) == weights
+    # with worker processes (the byte model's trainings run in parallel): the very same fit
+    other = tmp_path / "other"
+    code = main(["train", "--ham", str(folders["ham"]), "--spam", str(folders["spam"]),
+                 "--data-dir", str(other), "--jobs", "2"])
+    assert code == 0 and byte_weights(other) == weights
+    capsys.readouterr()
     # the same messages filed the other way round move between classes
     code, out, _ = run(capsys, "train", "--spam", str(folders["ham"]), "--data-dir", str(data))
     assert code == 0 and out["model"] == {"spam_messages": 50, "ham_messages": 0}
@@ -135,6 +157,7 @@ def test_user_option_trains_that_users_adjustments(tmp_path: Path, folders: dict
     assert code == 0 and out["user"] == "u-42"
     assert model_counts(data, "u-42") == (6, 0)
     assert model_counts(data) == (6, 0)
+    assert any(byte_weights(data))  # the byte model learnt them online (global and u-42's)
 
 
 def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from mailmesh.v1 import mailbox_service_pb2_grpc as pb_grpc
 from mailmesh_common import grpcclient
 from mailmesh_common.kv import open_database
 from svc_ingest.spam.bayes import Counts
+from svc_ingest.spam.bytemodel import grams
 from svc_ingest.spam.feedback import SpamFeedback, feedback_label, strip_ingest_headers
 from svc_ingest.spam.filter import SpamFilter
 from tests.svc_mailbox.conftest import Mesh, mesh, nats_url, users  # noqa: F401
@@ -50,6 +51,13 @@ class Running:
             return await self.counts(user) == Counts(spam, ham)
 
         await eventually(check, f"model counts spam={spam} ham={ham} (user {user!r})")
+
+    async def wait_trained(self, n: int) -> None:
+        """Until the consumer finished n events (the byte model learns after the counts)."""
+        async def check() -> bool:
+            return self.feedback.trained >= n
+
+        await eventually(check, f"{n} feedback events handled")
 
 
 @pytest.fixture
@@ -93,13 +101,23 @@ async def test_marking_spam_and_not_spam_trains_the_filter(
     tokens = (await running.filter.analyze(raw_message(1))).tokens
     assert (await running.filter.model.token_counts(["pills"]))["pills"] == (1, 0)
     assert set(await running.filter.model.token_counts(tokens)) == set(tokens)
+    # the byte model learnt it too: globally and in alice's adjustments
+    buckets = grams(raw_message(1))
+    await running.wait_trained(1)
+    as_spam = (await running.filter.bytes.snapshot()).logit(buckets)
+    alice_spam = await running.filter.bytes.user_logit(alice, buckets)
+    assert as_spam > 0 and alice_spam > 0
 
     # "not spam": the same message moves from spam to ham, globally and for alice
     await modify(mesh, alice, msg, add=("INBOX",), remove=("SPAM",))
     await running.wait_counts(0, 1)
     await running.wait_counts(0, 1, alice)
+    await running.wait_trained(2)
     assert (await running.filter.model.token_counts(["pills"]))["pills"] == (0, 1)
     assert await running.counts(users["bob"]) == Counts(0, 0)
+    assert (await running.filter.bytes.snapshot()).logit(buckets) < as_spam
+    assert await running.filter.bytes.user_logit(alice, buckets) < alice_spam
+    assert await running.filter.bytes.user_logit(users["bob"], buckets) == 0.0
 
 
 async def test_deliveries_deletions_and_trash_are_not_feedback(
@@ -111,6 +129,11 @@ async def test_deliveries_deletions_and_trash_are_not_feedback(
     await modify(mesh, alice, marked, add=("SPAM",), remove=("INBOX",))
     # events of one user arrive in order: once the last one is learnt, the others were seen
     await running.wait_counts(1, 0)
+
+    async def handled() -> bool:  # the event is done once the byte model learnt it too
+        return running.feedback.trained == 1
+
+    await eventually(handled, "the feedback consumer to finish the event")
     assert running.feedback.trained == 1
 
 

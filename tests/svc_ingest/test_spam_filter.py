@@ -17,7 +17,8 @@ import pytest
 
 from mailmesh_common.kv import Database, Subspace, open_database
 from svc_ingest.spam.bayes import _tuple_str, chi2_combine, chi2_evidence, clues_of, token_prob
-from svc_ingest.spam.combine import Combiner, features, regression
+from svc_ingest.spam.bytemodel import BUCKETS, PREFIX_BYTES, grams
+from svc_ingest.spam.combine import BYTES_SCALE, FEATURES, Combiner, features, regression
 from svc_ingest.spam.filter import (
     BAYES_MAX,
     DEFAULT_THRESHOLD,
@@ -191,7 +192,41 @@ async def test_a_training_transaction_over_the_time_limit_is_split(db: Database)
     slow = SlowOnce(db)
     flt = SpamFilter(slow)  # type: ignore[arg-type]
     assert await flt.train_many([(raw, True) for raw in corpus(SPAM_WORDS, 10, "s")]) == (10, 0)
-    assert slow.writes == 3  # the whole batch, then its two halves
+    # the whole batch, then its two halves; then the byte model's step on the 10 (one transaction)
+    assert slow.writes == 4
+
+
+async def test_a_byte_model_transaction_over_the_time_limit_is_split(tmp_path: Path) -> None:
+    from mailmesh_common.kv import TransactionTimedOut
+
+    class SlowSecond:
+        """A store whose second write transaction (the byte model's) runs out of time."""
+
+        def __init__(self, inner: Database) -> None:
+            self.inner = inner
+            self.writes = 0
+
+        async def run(self, fn, *, readonly: bool = False):  # type: ignore[no-untyped-def]
+            if not readonly:
+                self.writes += 1
+                if self.writes == 2:
+                    raise TransactionTimedOut("transaction exceeded the 5 s limit")
+            return await self.inner.run(fn, readonly=readonly)
+
+    messages = [(raw, True) for raw in corpus(SPAM_WORDS, 5, "s")] + [(raw, False) for raw in corpus(HAM_WORDS, 5, "h")]
+    weights = []
+    for name, wrap in (("plain", False), ("slow", True)):
+        db = open_database(tmp_path / f"{name}.db")
+        try:
+            store = SlowSecond(db) if wrap else db
+            flt = SpamFilter(store)  # type: ignore[arg-type]
+            await flt.train_many(messages, user_id="erin")
+            weights.append((await flt.bytes.snapshot()).weights)
+            if isinstance(store, SlowSecond):
+                assert store.writes == 4  # counts; the byte model's 10 timed out; its two halves
+        finally:
+            await db.close()
+    assert weights[0] == weights[1] and any(weights[0])  # nothing lost, nothing learnt twice
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -285,6 +320,63 @@ async def test_per_user_adjustments_move_only_that_users_scores(db: Database, fi
     assert (glob.spam, glob.ham) == (25 + 4, 25 + 8 - 4)  # bob's 4 moved from ham to spam
 
 
+# --- the byte model --------------------------------------------------------------------------
+
+def test_byte_grams_skip_the_mbox_line_and_read_a_bounded_prefix() -> None:
+    body = b"Subject: hi\n\nhello there\n"
+    assert sorted(grams(b"From spammer@x.test Mon Jul  1 10:00:00 2002\n" + body)) == sorted(grams(body))
+    assert grams(b"From nobody") == []  # only an envelope line: nothing to learn
+    assert len(grams(body)) == len(set(grams(body))) > 10  # distinct buckets
+    assert all(0 <= b < BUCKETS for b in grams(body))
+    long = body + b"x" * 50_000
+    assert sorted(grams(long)) == sorted(grams(long[:PREFIX_BYTES]))  # only the first PREFIX_BYTES bytes count
+    assert grams(body + b"x" * PREFIX_BYTES) != grams(body + b"y" * PREFIX_BYTES)
+
+
+async def test_byte_model_learns_from_training_and_users_and_replicas_share_it(tmp_path: Path) -> None:
+    dbs = [open_database(tmp_path / "shared.db") for _ in range(2)]
+    try:
+        trainer, replica = SpamFilter(dbs[0]), SpamFilter(dbs[1])
+        spam_probe = grams(mail("winner bonus", "cheap pills casino lottery offer viagra"))
+        ham_probe = grams(mail("project review", "meeting agenda notes team schedule"))
+        snap = await replica.bytes.snapshot()
+        assert not snap.trained and snap.logit(spam_probe) == 0.0
+        # training without a fit (`spam train --no-fit`, feedback): one online step per message
+        messages = [m for pair in zip(((raw, True) for raw in corpus(SPAM_WORDS, 20, "s")),
+                                      ((raw, False) for raw in corpus(HAM_WORDS, 20, "h")), strict=True)
+                    for m in pair]  # online learning: interleaved, as mail arrives
+        await trainer.train_many(messages)
+        learned = await trainer.bytes.snapshot()
+        assert learned.logit(spam_probe) > 0 > learned.logit(ham_probe)
+        assert (await replica.bytes.snapshot()).logit(spam_probe) == 0.0  # within the TTL: cached
+        replica.bytes.ttl_s = 0  # the TTL passes: the other replica's training shows
+        assert (await replica.bytes.snapshot()).logit(spam_probe) == learned.logit(spam_probe)
+        # idempotent like the token counts: the same messages again change nothing
+        await trainer.train_many(messages)
+        await trainer.train(messages[0][0], is_spam=True)
+        assert (await trainer.bytes.snapshot()).weights == learned.weights
+        # a user's judgement moves that user's adjustments (and the global weights)
+        digest = mail("winner bonus digest", "cheap pills casino lottery offer viagra", mid="d-1")
+        before = await replica.score(analyze(digest), "carol")
+        await replica.train(digest, is_spam=False, user_id="carol")
+        assert await replica.bytes.user_logit("carol", grams(digest)) < 0
+        assert await replica.bytes.user_logit("dave", grams(digest)) == 0.0
+        after = await trainer.score(analyze(digest), "carol")
+        assert before.byte_logit is None and after.byte_logit is None  # no combiner stored yet
+        assert (await replica.bytes.snapshot()).logit(grams(digest)) < learned.logit(grams(digest))
+        # a fit stores the byte model it trained beside the combiner; feedback learnt stays on top
+        await trainer.train_many(messages, fit=True)
+        assert trainer.fitted is not None and trainer.fitted.byte_weights is not None
+        carol = (await trainer.score(analyze(digest), "carol")).byte_logit
+        anyone = (await trainer.score(analyze(digest))).byte_logit
+        assert carol is not None and anyone is not None and carol < anyone
+        fitted = await trainer.score(analyze(mail("winner bonus", "cheap pills casino lottery offer viagra")))
+        assert fitted.byte_logit is not None and fitted.byte_logit > 0
+    finally:
+        for d in dbs:
+            await d.close()
+
+
 # --- the learned combiner --------------------------------------------------------------------
 
 async def test_bulk_training_fits_a_combiner_every_replica_scores_with(tmp_path: Path) -> None:
@@ -310,8 +402,13 @@ async def test_bulk_training_fits_a_combiner_every_replica_scores_with(tmp_path:
         assert "BAYES_00" in ham.status
         # the score is the combiner's: threshold + (log-odds - cut) points, not the fixed 6.0
         analysis = analyze(spam_probe)
-        bayes = await replica.model.score(analysis.tokens)
-        z = fitted.log_odds(features(bayes.probability, {g: (sp, hm) for g, sp, hm in bayes.parts}, []))
+        bayes = await replica.score(analysis)
+        # the byte model `train` fitted beside the combiner is in the store, and replicas use it
+        assert bayes.byte_logit is not None and bayes.byte_logit > 0
+        ham_bytes = (await replica.score(analyze(ham_probe))).byte_logit
+        assert ham_bytes is not None and ham_bytes < 0
+        z = fitted.log_odds(features(bayes.probability, {g: (sp, hm) for g, sp, hm in bayes.parts}, [],
+                                     bayes.byte_logit))
         assert spam.score == pytest.approx(DEFAULT_THRESHOLD + POINTS_PER_LOGIT * (z - fitted.cut), abs=0.01)
         assert [g for g, _, _ in bayes.parts] == list(GROUPS)
         parts = {g: (sp, hm) for g, sp, hm in bayes.parts}
@@ -324,9 +421,12 @@ async def test_bulk_training_fits_a_combiner_every_replica_scores_with(tmp_path:
 async def test_rules_the_combiner_did_not_learn_keep_their_points(db: Database) -> None:
     flt = await trained(db, fit=True)
     assert flt.fitted is not None and not flt.fitted.learned("MISSING_DATE")  # never fired in training
-    dated = await flt.classify(mail("winner bonus", "cheap pills casino offer", mid="p1"))
-    undated = await flt.classify(mail("winner bonus", "cheap pills casino offer", mid="p1", date=False))
-    assert undated.score == pytest.approx(dated.score + DEFAULT_WEIGHTS["MISSING_DATE"], abs=0.011)
+    raws = [mail("winner bonus", "cheap pills casino offer", mid="p1", date=d) for d in (True, False)]
+    dated, undated = [await flt.classify(raw) for raw in raws]
+    # the Date line's bytes also move the byte model's input a little: that part is the combiner's
+    logits = [(await flt.score(analyze(raw))).byte_logit or 0.0 for raw in raws]
+    moved = flt.fitted.weights[FEATURES.index("bytes")] * (logits[1] - logits[0]) / BYTES_SCALE
+    assert undated.score == pytest.approx(dated.score + DEFAULT_WEIGHTS["MISSING_DATE"] + moved, abs=0.011)
     assert "MISSING_DATE" in undated.status
     ham = mail("project review", "meeting agenda notes team schedule", mid="h1")
     passed = await flt.classify(ham, auth=AuthSummary(spf="pass", dkim="pass", dmarc="pass"))
@@ -377,6 +477,9 @@ def test_regression_learns_weights_that_separate_the_classes() -> None:
     assert weights[0] > 0 and weights[1] > 0
     assert bias + weights[1] > 0 > bias  # the second feature alone moves a message across
     assert regression(xs, ys) == (bias, weights)  # deterministic
+    # ham counted 10 times: the fit leans towards calling borderline mail ham
+    heavy, _ = regression(xs, ys, ham_weight=10.0)
+    assert heavy < bias
 
 
 def test_bayes_bands() -> None:
@@ -403,7 +506,7 @@ def link_split(tmp_path: Path) -> dict[str, Path]:
 
 def spam_cli(*args: str) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-m", "mailmesh_common.cli.spam", *args], cwd=REPO,
-                          env=child_env({}), capture_output=True, text=True, timeout=240)
+                          env=child_env({}), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
@@ -416,8 +519,16 @@ def test_held_out_accuracy(tmp_path: Path) -> None:
     `mailmesh spam eval` (the live pipeline's classify, no auth results).
 
     Measured on this split (613 ham, 300 spam held out), at the default threshold 5.0:
-    detection 94.0 % (18 missed), 0 false positives; cross-validation inside the training part
-    had predicted 90.5 % at 0.08 % false positives. (Before the link-host label/4-gram and
+    detection 94.3 % (17 missed: 16 from spam_2, 1 from spam), 0 false positives, with the byte
+    model (bytemodel.py) as a combiner input and the combiner's fit weighing ham 10x
+    (combine.HAM_WEIGHT), both chosen by nested cross-validation inside the training part
+    (90.2 % against 84.0 % at the cut, with 2.2 against 2.8 of 2497 ham over it); the fit on
+    the whole training part predicted 90.6 % at 0.08 % false positives. An intermediate step,
+    chosen the same way and scored here once before HAM_WEIGHT was measured: the byte model
+    with the cut one unit further up instead (CUT_MARGIN 1.25, unweighted fit), 96.0 % (12
+    missed), 0 false positives, predicted 91.2 %; the 5 messages between the two are within the
+    spread, and no choice was made on these held-out figures. (Before the byte model: 94.0 %,
+    18 missed, 0 false positives, predicted 90.5 %. Before the link-host label/4-gram and
     chain-origin tokens, see tokenizer.py: 92.0 %, 24 missed, 0 false positives. With the
     2098 messages of ../shared/corpus/mail/jailhouse-dev as extra training ham, not adopted
     here: 96.7 %, 10 missed, 0 false positives; but the cut then allows 4 of 4595 ham, and
@@ -427,7 +538,11 @@ def test_held_out_accuracy(tmp_path: Path) -> None:
     its spam was relayed through mailing lists the model knows as ham; with content alone (2002
     mail: no usable SPF/DKIM/DMARC or DNS), out-of-fold, two of 2497 training ham score above
     99 % of the spam, so a cut at <= 0.1 % false positives leaves 9-13 % of spam below it (five fold
-    assignments; 13-17 training ham score above the 99 %-detection cut).
+    assignments; 13-17 training ham score above the 99 %-detection cut). With the byte model and
+    HAM_WEIGHT, nested over five assignments: 3.6-10.2 % of spam below the 2-ham cut, 7-13 ham
+    above the 99 %-detection cut. The spam missed out of fold on every assignment is mostly
+    list-relayed ([ILUG], [SA] prefixes), newsletter-like (Ticketmaster, PalmGear, Amazon
+    affiliates), Chinese, German and Portuguese mail, 419 letters and a bounce.
     This test guards what is achieved.
     """
     dirs = link_split(tmp_path)
