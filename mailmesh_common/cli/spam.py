@@ -34,8 +34,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailmesh_common.config import Settings, load_settings
-from mailmesh_common.errors import ConfigError, MailmeshError
+from mailmesh_common.cli.command import add_command, add_group, command, settings_of
+from mailmesh_common.config import Settings
+from mailmesh_common.errors import ConfigError
 from mailmesh_common.kv import Database, open_database
 
 T = TypeVar("T")
@@ -43,10 +44,6 @@ T = TypeVar("T")
 EVAL_CONCURRENCY = 16
 AUTH_NOTE = ("not checked: folder mail has no SMTP session, so the SPF/DKIM/DMARC rules cannot "
              "fire (live mail gets them from the ingest pipeline)")
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None))
 
 
 def _threshold(args: argparse.Namespace, settings: Settings) -> float:
@@ -134,11 +131,12 @@ def _report_problems(problems: list[str]) -> bool:
     return any(p.endswith("not a directory") for p in problems)
 
 
+@command("spam train")
 def run_train(args: argparse.Namespace) -> int:
     if not args.ham and not args.spam:
         print("mailmesh spam train: give --ham DIR and/or --spam DIR", file=sys.stderr)
         return 2
-    settings = _settings(args)
+    settings = settings_of(args)
     files, problems = _labelled(args, settings)
     if _report_problems(problems):
         return 2
@@ -150,13 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
                                                    refit=args.refit)
         return int(spam_msgs), int(ham_msgs), (flt.fitted, flt.fit_note)
 
-    try:
-        spam_msgs, ham_msgs, fit_result = _with_filter(args, settings, go)
-    except ConfigError:
-        raise
-    except MailmeshError as exc:
-        print(f"mailmesh spam train: {exc.message}", file=sys.stderr)
-        return 1
+    spam_msgs, ham_msgs, fit_result = _with_filter(args, settings, go)
     print(json.dumps({
         "trained": {"ham": sum(1 for _, s in files if not s), "spam": sum(1 for _, s in files if s)},
         "model": {"spam_messages": spam_msgs, "ham_messages": ham_msgs},
@@ -200,11 +192,12 @@ def _rate(num: int, den: int) -> float | None:
     return round(num / den, 6) if den else None
 
 
+@command("spam eval")
 def run_eval(args: argparse.Namespace) -> int:
     if not args.ham and not args.spam:
         print("mailmesh spam eval: give --ham DIR and/or --spam DIR", file=sys.stderr)
         return 2
-    settings = _settings(args)
+    settings = settings_of(args)
     files, problems = _labelled(args, settings)
     if _report_problems(problems):
         return 2
@@ -218,13 +211,7 @@ def run_eval(args: argparse.Namespace) -> int:
         has_combiner = await flt.combiner() is not None
         return verdicts, await flt.counts(), flt.threshold, has_combiner
 
-    try:
-        verdicts, counts, threshold, has_combiner = _with_filter(args, settings, go)
-    except ConfigError:
-        raise
-    except MailmeshError as exc:
-        print(f"mailmesh spam eval: {exc.message}", file=sys.stderr)
-        return 1
+    verdicts, counts, threshold, has_combiner = _with_filter(args, settings, go)
     n_ham = sum(1 for _, s in files if not s)
     n_spam = len(files) - n_ham
     tp = sum(1 for (_, s), v in zip(files, verdicts, strict=True) if s and v.is_spam)
@@ -253,8 +240,6 @@ def run_eval(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ham", action="append", metavar="DIR", help="folder of legitimate raw messages (repeatable)")
     p.add_argument("--spam", action="append", metavar="DIR", help="folder of spam raw messages (repeatable)")
-    p.add_argument("--data-dir", help="data dir holding ingest.db (default: settings)")
-    p.add_argument("--config", help="TOML settings file")
     p.add_argument("--user", help="a user id: also use (train) that user's adjustments")
     p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                    help="worker processes for parsing (default: CPUs, at most 8)")
@@ -262,26 +247,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_spam_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`mailmesh spam train|eval`."""
-    spam = sub.add_parser("spam", help="train and evaluate the spam filter")
-    ssub = spam.add_subparsers(dest="spam_command", metavar="COMMAND")
-    p = ssub.add_parser("train", help="learn from folders of raw ham and spam messages")
+    ssub = add_group(sub, "spam", "train and evaluate the spam filter")
+    p = add_command(ssub, "train", run_train, "learn from folders of raw ham and spam messages")
     _common(p)
     p.add_argument("--no-fit", action="store_true",
                    help="only count tokens; keep the stored combiner (default: refit it on these folders)")
     p.add_argument("--refit", action="store_true",
                    help="store the new fit even if the stored combiner was fitted on more messages")
-    p.set_defaults(func=run_train)
-    p = ssub.add_parser("eval", help="score folders of raw messages as live mail is scored; print JSON")
+    p = add_command(ssub, "eval", run_eval, "score folders of raw messages as live mail is scored; print JSON")
     _common(p)
     p.add_argument("--threshold", type=float, help="spam threshold (default: settings, 5.0)")
     p.add_argument("--details", action="store_true", help="also list the misclassified files")
-    p.set_defaults(func=run_eval)
-
-    def usage(_args: argparse.Namespace) -> int:
-        spam.print_help(sys.stderr)
-        return 2
-
-    spam.set_defaults(func=usage)
 
 
 def main(argv: list[str] | None = None) -> int:
