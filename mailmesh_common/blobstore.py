@@ -4,6 +4,12 @@ Layout: `root/ab/cd/abcd...` (the 64 hex digit sha256), temp files under `root/t
 durable when `put` returns: the temp file is fsync'd, renamed into place, and the directory
 fsync'd (DESIGN "Durability": nothing acknowledged is lost). Identical content is stored once.
 Refs are validated strictly (64 lowercase hex digits), so a ref can never name another path.
+
+`put` is on every inbound message's path, so it spends few system calls: no existence checks
+before creating the temp file or renaming it (a missing directory shows as ENOENT and is then
+created), and the entries leading to a blob's directory are fsync'd once per process (then
+remembered), only the directory itself per blob. There is no group commit of that directory
+fsync: blobs spread over 65,536 directories, so puts in flight at once almost never share one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import errno
 import hashlib
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -50,8 +57,15 @@ def validate_ref(ref: str) -> str:
     return ref
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# Blob directories whose entries are known durable, per process: at most the 65,536 + 256 of a
+# root.
+_KNOWN_DIRS_MAX = 1 << 17
+
+
+def _fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -64,6 +78,12 @@ class BlobStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._tmp = self.root / _TMP_DIR
+        self._root_s = str(self.root)
+        self._tmp_s = str(self._tmp)
+        # blob directories (as strings) whose entries, and their parents' entries, this process
+        # has seen fsync'd: an entry is added only after that fsync returned
+        self._durable_dirs: set[str] = set()
+        self._temp_names = _TempNames()
 
     async def check(self) -> None:
         """Fails with Unavailable unless the store can be written (services call it at start)."""
@@ -85,21 +105,79 @@ class BlobStore:
 
     def _put_sync(self, data: bytes) -> str:
         ref = hashlib.sha256(data).hexdigest()
+        directory = f"{self._root_s}/{ref[0:2]}/{ref[2:4]}"
+        final = f"{directory}/{ref}"
         try:
-            if self._already_stored(ref):
-                return ref
-            tmp = self._new_temp()
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self._publish(tmp, ref)
-            finally:
-                tmp.unlink(missing_ok=True)
+                # Touch it: `collect` never removes a blob written or re-put within its grace period.
+                os.utime(final)
+            except FileNotFoundError:
+                pass
+            else:
+                # It may have just been renamed by a concurrent put: make sure its entry is durable.
+                _fsync_dir(directory)
+                return ref
+            tmp = self._write_temp(data)
+            try:
+                try:
+                    os.rename(tmp, final)
+                except FileNotFoundError:  # the first blob of its directory
+                    os.makedirs(directory, exist_ok=True)
+                    os.rename(tmp, final)
+            except BaseException:
+                _remove_quietly(tmp)
+                raise
+            self._make_entry_durable(directory)
         except OSError as e:
             raise _unavailable(e) from None
         return ref
+
+    def _write_temp(self, data: bytes) -> str:
+        """A new temp file holding data, fsync'd; its path."""
+        while True:
+            tmp = f"{self._tmp_s}/{_TMP_PREFIX}{self._temp_names.next()}"
+            try:
+                fd = os.open(tmp, _TEMP_FLAGS, 0o644)
+            except FileNotFoundError:  # temp files need no durable directory: they are temporary
+                os.makedirs(self._tmp_s, exist_ok=True)
+                fd = os.open(tmp, _TEMP_FLAGS, 0o644)
+            except FileExistsError:  # another process took this name (e.g. a fork): a fresh one
+                self._temp_names.reseed()
+                continue
+            break
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        return tmp
+
+    def _make_entry_durable(self, directory: str) -> None:
+        """After a rename into `directory` (root/ab/cd): fsync it, so the new entry is durable.
+        The first time this process puts into a directory, the entries leading to it are made
+        durable too, whoever created them (another thread or process may not have fsync'd
+        them yet): root/ab for root/ab/cd, and the root for root/ab. No lock: a directory is
+        remembered only after its fsync returned, and a repeated fsync is harmless."""
+        known = self._durable_dirs
+        if directory not in known:
+            parent = directory.rpartition("/")[0]
+            if parent not in known:
+                _fsync_dir(self._root_s)
+                self._remember_dir(parent)
+            _fsync_dir(parent)
+            self._remember_dir(directory)
+        _fsync_dir(directory)
+
+    def _remember_dir(self, directory: str) -> None:
+        if len(self._durable_dirs) >= _KNOWN_DIRS_MAX:
+            self._durable_dirs.clear()  # only costs a few repeated fsyncs
+        self._durable_dirs.add(directory)
 
     async def put_stream(self, chunks: AsyncIterable[bytes] | Iterable[bytes], *,
                          max_size: int) -> tuple[str, int]:
@@ -310,14 +388,33 @@ class BlobStore:
         return removed
 
 
+class _TempNames:
+    """Temp file names unique to this process without a random draw per file: a random stem
+    and a counter (the file is created with O_EXCL, and a clash draws a new stem)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reseed()
+
+    def reseed(self) -> None:
+        with self._lock:
+            self._stem = uuid.uuid4().hex
+            self._n = 0
+
+    def next(self) -> str:
+        with self._lock:
+            self._n += 1
+            return f"{self._stem}-{self._n}"
+
+
 def _flush_and_sync(f: BinaryIO) -> None:
     f.flush()
     os.fsync(f.fileno())
 
 
-def _remove_quietly(path: Path) -> None:
+def _remove_quietly(path: Path | str) -> None:
     try:
-        path.unlink(missing_ok=True)
+        os.unlink(path)
     except OSError:
         pass
 

@@ -20,8 +20,10 @@ import email.utils
 import hashlib
 import ipaddress
 import logging
+import os
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -50,6 +52,7 @@ from svc_ingest.checks.virus import ClamdScanner, ScannerUnavailable
 from svc_ingest.handoff import Handoff
 from svc_ingest.replies import Reply
 from svc_ingest.spam.filter import AuthSummary, SpamFilter
+from svc_ingest.spam.tokenizer import analyze
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ RECIPIENT_CHECK_TIMEOUT_S = 10.0
 RECIPIENT_CACHE_TTL_S = 5.0
 RECIPIENT_CACHE_ENTRIES = 10_000
 MAX_HELO_CHARS = 255
+# messages up to this size are parsed and tokenized for the spam filter on the event loop;
+# larger ones in a worker thread, so the loop never stalls long
+INLINE_ANALYZE_BYTES = 32 * 1024
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -214,9 +220,37 @@ def dkim_summary(results: Sequence[DkimResult]) -> str:
     return results[0].result if results else "none"
 
 
+class _RandomPool:
+    """os.urandom bytes drawn a few kilobytes at a time rather than one system call per id;
+    emptied in a forked child, which must never reuse its parent's bytes."""
+
+    SIZE = 4000
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = secrets.token_bytes(max(self.SIZE, n)), 0
+            out = self._buf[self._pos:self._pos + n]
+            self._pos += n
+            return out
+
+    def reset(self) -> None:
+        self._buf, self._pos, self._lock = b"", 0, threading.Lock()
+
+
+_RANDOM = _RandomPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RANDOM.reset)
+
+
 def new_ingest_id() -> str:
     """Unique and roughly time-ordered: 12 hex digits of milliseconds, 20 of randomness."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+    return f"{int(time.time() * 1000):012x}{_RANDOM.take(10).hex()}"
 
 
 def ingest_id_for_key(key: str) -> str:
@@ -230,7 +264,10 @@ def header_end(raw: bytes) -> int:
     """Offset of the blank line ending the header section (len(raw) when there is none)."""
     if raw.startswith((b"\r\n", b"\n")):
         return 0
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    crlf = raw.find(b"\r\n\r\n")
+    # a bare-LF blank line only matters before the CRLF one: never scan the body for it
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    ends = [i for i in (crlf, lf) if i >= 0]
     return min(ends) if ends else len(raw)
 
 
@@ -461,9 +498,11 @@ class Pipeline:
         user_id = env.user_ids[0] if len(set(env.user_ids)) == 1 else ""
         f = self.spam_filter
         try:
-            # SpamFilter.classify in its three steps, keeping the analysis it parsed
-            analysis = await f.analyze(raw)
-            bayes = await f.model.score(analysis.tokens, user_id)
+            # SpamFilter.classify in its three steps, keeping the analysis it parsed; a small
+            # message is analysed right here (about a millisecond: less than the two thread
+            # switches a worker thread costs, and the GIL would serialise the work anyway)
+            analysis = analyze(raw) if len(raw) <= INLINE_ANALYZE_BYTES else await f.analyze(raw)
+            bayes = await f.score(analysis, user_id)
             verdict = f.judge(analysis, bayes, summary)
         except Exception:
             # accept-then-filter: a broken filter must not stop the mail; it lands unscored
