@@ -161,9 +161,13 @@ def resolve_recipient(tr: Transaction, addr: str, size: int) -> pb.ResolveRecipi
     if user is None:
         return pb.ResolveRecipientResponse(
             resolution=pb.RECIPIENT_RESOLUTION_UNKNOWN_USER, canonical_address=canon)
-    acct = load_account(tr, user)
+    # the account's quota and usage (what load_account reads, without the counters not needed here)
+    raw = tr.get(keys.u(user, "acct"))
+    if raw is None or tr.get(keys.u(user, "deleting")) is not None:
+        raise NotFound("no such user")
+    quota = types_pb2.Account.FromString(raw).quota_bytes
     # an unknown size (0) still needs a byte: a mailbox filled to its quota takes nothing more
-    if acct.quota_bytes and acct.used_bytes + max(size, 1) > acct.quota_bytes:
+    if quota and decode_counter(tr.get(keys.u(user, "ctr", "used"))) + max(size, 1) > quota:
         return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_OVER_QUOTA,
                                            user_id=user, canonical_address=canon)
     return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_LOCAL_USER,

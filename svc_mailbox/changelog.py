@@ -3,7 +3,8 @@
 The relay publishes each user's committed changes to JetStream `EVENTS` on
 `mailbox.events.<user>` with `Nats-Msg-Id` = `<user>:<modseq>`, then stores its position in the
 KV store. A crash between publish and position update republishes; JetStream's duplicate window
-drops the repeats, so consumers see each change once.
+drops the repeats, so consumers see each change once. One relay pass costs two transactions
+however many users it serves: one read of every pending change, one write of every position.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from svc_mailbox import keys
 
 log = logging.getLogger(__name__)
 
-RELAY_BATCH = 256
-DIRTY_SCAN = 128
+RELAY_BATCH = 256  # changes of one user per pass
+DIRTY_SCAN = 128  # users per pass
+RELAY_PASS_CHANGES = 1024  # changes per pass, all users together
 
 
 def list_changes(tr: Transaction, *, user: str, since: int, limit: int) -> tuple[list[types_pb2.Change], int, bool]:
@@ -101,21 +103,50 @@ class EventsRelay:
                     pass
 
     async def relay_once(self) -> bool:
-        """Publishes pending changes of up to DIRTY_SCAN users; True if more may be pending."""
+        """One pass: publishes the pending changes of up to DIRTY_SCAN users (at most
+        RELAY_PASS_CHANGES of them) and the pending account-deleted events; True if more may be
+        pending. The pending work is read in one transaction and every user's new position is
+        stored in one more, whatever the number of users."""
         begin, end = keys.g_range("dirty")
-        rows = await self.db.run(lambda tr: tr.get_range(begin, end, limit=DIRTY_SCAN), readonly=True)
-        more = False
-        for k, _ in rows:
-            user = str(keys.unpack(k)[-1])
-            more |= await self.relay_user(user)
-        more |= await self.relay_deleted_accounts()
-        return more or len(rows) == DIRTY_SCAN
+        gone_begin, gone_end = keys.g_range("gone")
 
-    async def relay_deleted_accounts(self) -> bool:
-        """Publishes the account-deleted events that jobs.py left in the ("gone", user) outbox,
-        clearing each once acked; True if more may be pending."""
-        begin, end = keys.g_range("gone")
-        rows = await self.db.run(lambda tr: tr.get_range(begin, end, limit=DIRTY_SCAN), readonly=True)
+        def read(tr: Transaction) -> tuple[bool, list[tuple[str, int, list[tuple[int, bytes]]]],
+                                           list[tuple[bytes, bytes]]]:
+            dirty = tr.get_range(begin, end, limit=DIRTY_SCAN)
+            budget = RELAY_PASS_CHANGES
+            work: list[tuple[str, int, list[tuple[int, bytes]]]] = []
+            for k, _ in dirty:
+                if budget <= 0:
+                    break
+                user = str(keys.unpack(k)[-1])
+                pos = decode_counter(tr.get(keys.g("relay", user)))
+                _, e = keys.u_range(user, "log")
+                rows = tr.get_range(keys.u(user, "log", pos + 1), e, limit=min(RELAY_BATCH, budget))
+                budget -= len(rows)
+                work.append((user, pos, [(int(keys.unpack(k2)[-1]), v) for k2, v in rows]))
+            more = len(dirty) == DIRTY_SCAN or len(work) < len(dirty)
+            return more, work, tr.get_range(gone_begin, gone_end, limit=DIRTY_SCAN)
+
+        more, work, gone = await self.db.run(read, readonly=True)
+        if work:
+            results = await asyncio.gather(*(self._publish_user(user, rows) for user, _, rows in work),
+                                           return_exceptions=True)
+            # positions of the users whose changes were all acknowledged; the others are
+            # published again next pass (JetStream drops the repeats by Nats-Msg-Id)
+            done = {user: rows[-1][0] if rows else pos
+                    for (user, pos, rows), res in zip(work, results, strict=True) if res is None}
+            if done:
+                more |= await self.db.run(functools.partial(self._commit, done=done))
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
+        if gone:
+            more |= await self.relay_deleted_accounts(gone)
+        return more
+
+    async def relay_deleted_accounts(self, rows: list[tuple[bytes, bytes]]) -> bool:
+        """Publishes the account-deleted events that jobs.py left in the ("gone", user) outbox
+        (`rows`, read by relay_once), clearing each once acked; True if more may be pending."""
         for k, raw in rows:
             user = str(keys.unpack(k)[-1])
             event = events_pb2.MailboxEvent.FromString(raw)
@@ -125,28 +156,24 @@ class EventsRelay:
             await self.db.run(functools.partial(_clear_gone, user=user))
         return len(rows) == DIRTY_SCAN
 
-    async def relay_user(self, user: str) -> bool:
-        def read(tr: Transaction) -> tuple[int, list[tuple[int, bytes]]]:
-            pos = decode_counter(tr.get(keys.g("relay", user)))
-            _, e = keys.u_range(user, "log")
-            rows = tr.get_range(keys.u(user, "log", pos + 1), e, limit=RELAY_BATCH)
-            return pos, [(int(keys.unpack(k)[-1]), v) for k, v in rows]
-
-        pos, rows = await self.db.run(read, readonly=True)
+    async def _publish_user(self, user: str, rows: list[tuple[int, bytes]]) -> None:
+        """Publishes one user's changes in modseq order; returns once every one is acked."""
         if rows:
             subject = streams.events_subject(user)
-            acks = [self._publish(subject, user, modseq, raw) for modseq, raw in rows]
-            await asyncio.gather(*acks)
-        last = rows[-1][0] if rows else pos
+            await asyncio.gather(*(self._publish(subject, user, modseq, raw) for modseq, raw in rows))
 
-        def commit(tr: Transaction) -> bool:
+    def _commit(self, tr: Transaction, *, done: dict[str, int]) -> bool:
+        """Stores each user's relay position and trims its published changelog; True if a user
+        still has work (changes committed meanwhile, or trimming left)."""
+        more = False
+        for user, last in done.items():
             # never move the position back (another relay may have gone further meanwhile)
-            done = max(last, decode_counter(tr.get(keys.g("relay", user))))
-            tr.set(keys.g("relay", user), encode_counter(done))
+            position = max(last, decode_counter(tr.get(keys.g("relay", user))))
+            tr.set(keys.g("relay", user), encode_counter(position))
             highest = decode_counter(tr.get(keys.u(user, "ctr", "modseq")))
             floor = decode_counter(tr.get(keys.u(user, "ctr", "logfloor")))
             # only published entries are trimmed; `retention` of them stay for ListChanges
-            new_floor = done - self.retention
+            new_floor = position - self.retention
             trimmed = True
             if new_floor > floor:
                 # bounded trim per pass; the user stays dirty until it is complete
@@ -154,12 +181,11 @@ class EventsRelay:
                 tr.clear_range(keys.u(user, "log", floor), keys.u(user, "log", stop_at))
                 tr.set(keys.u(user, "ctr", "logfloor"), encode_counter(stop_at))
                 trimmed = stop_at >= new_floor
-            if highest <= done and trimmed:
+            if highest <= position and trimmed:
                 tr.clear(keys.g("dirty", user))
-                return False
-            return True
-
-        return await self.db.run(commit)
+            else:
+                more = True
+        return more
 
     async def _publish(self, subject: str, user: str, modseq: int, raw: bytes) -> None:
         change = types_pb2.Change.FromString(raw)

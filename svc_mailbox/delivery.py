@@ -198,10 +198,20 @@ class InboundConsumer:
             ingest_id = _ingest_id(msg, job.raw)
             job.items = [BatchDelivery(u, ingest_id, new, job.traceparent) for u in users]
 
-    async def handle_batch(self, raws: list[Msg], *, after: asyncio.Future[None] | None = None) -> None:
+    async def handle_batch(self, raws: list[Msg], *, after: asyncio.Future[None] | None = None,
+                           ready: asyncio.Event | None = None) -> None:
         """Delivers a fetched batch; acks each message once all its deliveries committed. With
         `after`, the batch is prepared at once but written only when `after` (the previous
-        batch) is done, so one batch's reads overlap the previous one's commit."""
+        batch) is done, so one batch's reads overlap the previous one's commit. `ready` is set
+        once the batch starts writing (or is done)."""
+        try:
+            await self._handle_batch(raws, after, ready)
+        finally:
+            if ready is not None:
+                ready.set()
+
+    async def _handle_batch(self, raws: list[Msg], after: asyncio.Future[None] | None,
+                            ready: asyncio.Event | None) -> None:
         jobs: list[_Job] = []
         tracer = telemetry.tracer("svc_mailbox.delivery")
         for raw in raws:
@@ -220,9 +230,7 @@ class InboundConsumer:
                 await _settle(raw.term())
                 continue
             span.set_attribute("mailmesh.ingest_id", payload.ingest_id)
-            with trace.use_span(span, end_on_exit=False):
-                traceparent = telemetry.inject_headers().get("traceparent", "")
-            jobs.append(_Job(raw, payload, span, traceparent))
+            jobs.append(_Job(raw, payload, span, _traceparent(span)))
         if not jobs:
             if after is not None:
                 await asyncio.wait([after])
@@ -245,6 +253,8 @@ class InboundConsumer:
             finally:
                 if after is not None and not after.done():
                     await asyncio.wait([after])
+            if ready is not None:
+                ready.set()
             await self._commit(jobs)
         finally:
             for job in jobs:
@@ -310,12 +320,17 @@ class InboundConsumer:
                                     max_ack_pending=1024, max_deliver=-1)
         sub = await self.js.pull_subscribe(streams.INBOUND.subjects[0], durable=DURABLE,
                                            stream=streams.INBOUND.name, config=cfg)
-        # two batches in flight: one being written while the next is fetched and prepared
-        inflight: collections.deque[asyncio.Task[None]] = collections.deque()
+        # two batches in flight: one being written while the next is prepared. The next batch is
+        # fetched only once the previous one starts writing, so the messages that arrive while
+        # it is prepared join the next batch: larger batches, fewer transactions (and EVENTS
+        # relay passes) per message when mail keeps coming, no wait when it does not.
+        inflight: collections.deque[tuple[asyncio.Task[None], asyncio.Event]] = collections.deque()
         try:
             while not stop.is_set():
-                while len(inflight) >= 2 or (inflight and inflight[0].done()):
-                    await _finished(inflight.popleft())
+                while len(inflight) >= 2 or (inflight and inflight[0][0].done()):
+                    await _finished(inflight.popleft()[0])
+                if inflight:
+                    await inflight[-1][1].wait()
                 try:
                     msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
                 except (TimeoutError, nats.errors.TimeoutError):
@@ -326,15 +341,25 @@ class InboundConsumer:
                     log.warning("fetch from %s failed: %s", streams.INBOUND.name, exc)
                     await asyncio.sleep(0.5)
                     continue
-                previous = inflight[-1] if inflight else None
-                inflight.append(asyncio.create_task(self.handle_batch(msgs, after=previous)))
+                previous = inflight[-1][0] if inflight else None
+                ready = asyncio.Event()
+                inflight.append((asyncio.create_task(self.handle_batch(msgs, after=previous, ready=ready)), ready))
         finally:
             while inflight:
-                await _finished(inflight.popleft())
+                await _finished(inflight.popleft()[0])
             try:
                 await sub.unsubscribe()
             except Exception:
                 pass
+
+
+def _traceparent(span: Span) -> str:
+    """The W3C traceparent of `span` (what `telemetry.inject_headers` writes inside it, without
+    making it current): the trace its deliveries' changes continue."""
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return ""
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
 async def _finished(task: asyncio.Task[None]) -> None:

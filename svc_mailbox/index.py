@@ -171,8 +171,24 @@ def _thread_stats(mtx: MailTx, old: types_pb2.Message | None, new: types_pb2.Mes
         count = prev[0] - (o is not None) + (n is not None)
         unread = prev[1] - (o[0] if o else 0) + (n[0] if n else 0)
         starred = prev[2] - (o[1] if o else 0) + (n[1] if n else 0)
-        newest = _newest(mtx, thread_id, label) if count else None
-        _store_stats(mtx, thread_id, label, prev, (count, unread, starred, newest[0] if newest else 0))
+        # the newest member time follows from the stored one, unless the member that held it
+        # left or moved back in time: only then are the members read
+        if not count:
+            newest = 0
+        elif o is not None and o[2] >= prev[3] and (n is None or n[2] < o[2]):
+            found = _newest(mtx, thread_id, label)
+            newest = found[0] if found else 0
+        elif n is None:
+            newest = prev[3]
+        else:
+            newest = max(prev[3], n[2]) if prev[0] else n[2]
+        if label == ANY:
+            # the thread summary's newest member, when this change makes it known
+            if new is not None and n is not None and (not prev[0] or n[2] > prev[3]):
+                mtx.newest[thread_id] = new
+            else:
+                mtx.newest.pop(thread_id, None)
+        _store_stats(mtx, thread_id, label, prev, (count, unread, starred, newest))
         touched.setdefault(thread_id, set()).add(label)
 
 
@@ -222,16 +238,20 @@ def refresh_summary(mtx: MailTx, thread_id: str) -> None:
     (the union of its members' labels), history id. A thread left without members is removed."""
     tr, user = mtx.tr, mtx.user
     key = keys.u(user, "thr", thread_id)
+    hint = mtx.newest.pop(thread_id, None)
     raw = tr.get(key)
     if raw is None:
         return
     stats = thread_label_stats(mtx, thread_id, ANY)
-    newest = _newest(mtx, thread_id, ANY) if stats else None
-    newest_raw = tr.get(keys.u(user, "msg", newest[1])) if newest else None
-    if stats is None or newest_raw is None:
-        tr.clear(key)
-        return
-    newest_msg = types_pb2.Message.FromString(newest_raw)
+    newest_msg = hint if stats else None
+    if newest_msg is None:
+        newest = _newest(mtx, thread_id, ANY) if stats else None
+        newest_raw = tr.get(keys.u(user, "msg", newest[1])) if newest else None
+        if stats is None or newest_raw is None:
+            tr.clear(key)
+            return
+        newest_msg = types_pb2.Message.FromString(newest_raw)
+    assert stats is not None
     thread = types_pb2.Thread.FromString(raw)
     thread.message_count = stats[0]
     thread.unread = stats[1] > 0

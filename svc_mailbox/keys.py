@@ -103,5 +103,43 @@ def u_range(user: str, *t: Any) -> tuple[bytes, bytes]:
     return p + b"\x00", p + b"\xff"
 
 
+def _unpack(b: bytes) -> tuple[Any, ...] | None:
+    """fdb.tuple.unpack for keys of str, bytes and int elements (byte strings of any length,
+    ints of up to 8 bytes); None for anything else, which the caller leaves to fdb.tuple."""
+    out: list[Any] = []
+    pos, n = 0, len(b)
+    while pos < n:
+        code = b[pos]
+        if code == 0x02 or code == 0x01:
+            end = b.find(b"\x00", pos + 1)
+            while 0 <= end < n - 1 and b[end + 1] == 0xFF:  # an escaped NUL inside the string
+                end = b.find(b"\x00", end + 2)
+            if end < 0:
+                return None
+            raw = b[pos + 1:end]
+            if b"\x00\xff" in raw:
+                raw = raw.replace(b"\x00\xff", b"\x00")
+            out.append(raw.decode() if code == 0x02 else raw)
+            pos = end + 1
+        elif 0x0C <= code <= 0x1C:
+            size = code - 0x14
+            if size >= 0:
+                out.append(int.from_bytes(b[pos + 1:pos + 1 + size], "big"))
+            else:
+                size = -size
+                out.append(int.from_bytes(b[pos + 1:pos + 1 + size], "big") - (1 << (8 * size)) + 1)
+            pos += 1 + size
+            if pos > n:
+                return None
+        else:
+            return None
+    return tuple(out)
+
+
 def unpack(key: bytes) -> tuple[Any, ...]:
+    """The tuple of a key under ROOT (fast path for the str and int elements of our keys)."""
+    if key.startswith(_ROOT_KEY):
+        fast = _unpack(key[len(_ROOT_KEY):])
+        if fast is not None:
+            return fast
     return ROOT.unpack(key)

@@ -303,7 +303,7 @@ class Mailbox:
                     if tr.get(keys.u(it.user, "acct")) is None or tr.get(keys.u(it.user, "deleting")) is not None:
                         gone.add(it.user)
                     else:
-                        mtx = mtxs[it.user] = MailTx(tr, it.user)
+                        mtx = mtxs[it.user] = MailTx(tr, it.user, traceparent=it.traceparent)
                 if mtx is None:
                     out.append(None)
                     continue

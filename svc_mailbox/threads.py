@@ -92,7 +92,8 @@ def assign(mtx: MailTx, msg: types_pb2.Message, chain: list[str], people: set[st
             merged.add(other)
     else:
         target = _by_subject(mtx, norm_subject, people, ts) or ""
-    if not target:
+    created = not target
+    if created:
         target = new_id()
         thread = types_pb2.Thread(id=target, subject=msg.subject)
         tr.set(keys.u(user, "thr", target), thread.SerializeToString())
@@ -104,7 +105,7 @@ def assign(mtx: MailTx, msg: types_pb2.Message, chain: list[str], people: set[st
         if tid is None or tid == target or tid in merged:
             tr.set(keys.u(user, "mid", mid), target.encode())
     if norm_subject:
-        _remember_subject(mtx, norm_subject, target, ts, people)
+        _remember_subject(mtx, norm_subject, target, ts, people, created=created)
     return target
 
 
@@ -152,9 +153,12 @@ def _decode_subject(v: bytes) -> tuple[int, int, set[str]]:
     return newest, oldest, set(filter(None, v[_SUBJ.size:].decode().split("\n")))
 
 
-def _remember_subject(mtx: MailTx, norm: str, thread_id: str, ts: int, people: set[str]) -> None:
+def _remember_subject(mtx: MailTx, norm: str, thread_id: str, ts: int, people: set[str], *,
+                      created: bool = False) -> None:
+    """Adds the message's time and participants to the thread's entry for its subject (a thread
+    `created` by this message has none yet)."""
     key = keys.u(mtx.user, "subj", _subject_key(norm), thread_id)
-    prev = mtx.tr.get(key)
+    prev = None if created else mtx.tr.get(key)
     newest, oldest, known = _decode_subject(prev) if prev else (ts, ts, set())
     merged = sorted(known | people)[:MAX_PARTICIPANTS]
     mtx.tr.set(key, _SUBJ.pack(max(ts, newest), min(ts, oldest)) + "\n".join(merged).encode())

@@ -37,6 +37,9 @@ class MailTx:
     _modseq: int | None = None
     changes: list[types_pb2.Change] = field(default_factory=list)
     traceparent: str = field(default_factory=lambda: telemetry.inject_headers().get("traceparent", ""))
+    # thread id -> its newest member, when the last change to the thread's stats made that
+    # known (index.py), so the summary's refresh need not look it up
+    newest: dict[str, types_pb2.Message] = field(default_factory=dict)
 
     def current_modseq(self) -> int:
         if self._modseq is None:
@@ -67,7 +70,8 @@ class MailTx:
             for k, v in (uids if uids is not None else dict(message.uids)).items():
                 ch.uids[k] = v
         self.tr.set(keys.u(self.user, "log", modseq), ch.SerializeToString())
-        self.tr.set(keys.g("dirty", self.user), b"")
+        if not self.changes:  # once per transaction: the relay reads the whole log from its position
+            self.tr.set(keys.g("dirty", self.user), b"")
         self.changes.append(ch)
         return ch
 

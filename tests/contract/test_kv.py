@@ -175,6 +175,27 @@ async def test_add_is_little_endian_and_starts_at_zero(db: Database, space: Subs
     assert decode_counter(None) == 0
 
 
+async def test_add_wraps_extends_short_values_and_is_read_back_in_its_transaction(
+        db: Database, space: Subspace) -> None:
+    top, short, fresh = space.pack(("top",)), space.pack(("short",)), space.pack(("fresh",))
+    def setup(tr: Transaction) -> None:
+        tr.set(top, encode_counter(2**63 - 1))
+        tr.set(short, b"\x05")
+
+    await db.run(setup)
+
+    def fn(tr: Transaction) -> tuple[bytes | None, bytes | None, bytes | None]:
+        tr.add(top, 2)  # FDB's ADD wraps around modulo 2**64
+        tr.add(short, 1)  # a shorter stored value is extended with zero bytes
+        tr.add(fresh, -1)
+        tr.add(fresh, -1)
+        return tr.get(top), tr.get(short), tr.get(fresh)
+
+    seen = await db.run(fn)
+    assert seen == (encode_counter(-(2**63) + 1), encode_counter(6), encode_counter(-2))
+    assert [await _get(db, k) for k in (top, short, fresh)] == list(seen)
+
+
 async def test_concurrent_atomic_adds_all_count(db: Database, space: Subspace) -> None:
     key = space.pack(("counter",))
     await asyncio.gather(*(db.run(lambda tr: tr.add(key, 1)) for _ in range(50)))

@@ -202,6 +202,28 @@ async def test_relay_publishes_every_change(mesh: Mesh, users: dict[str, str]) -
     assert [c.user_id for _, c, _ in bob_events] == [bob]
 
 
+async def test_relay_serves_many_users_per_pass_and_goes_idle(mesh: Mesh) -> None:
+    """Changes of many users committed together are all published, and the relay stores every
+    user's position and clears every user's pending mark (it stays idle afterwards)."""
+    domain = "many.test"
+    ids = await mesh.admin_setup(domain, tuple(f"u{k}" for k in range(8)))
+    users = list(ids.values())
+    await asyncio.gather(*(append(mesh, u, i) for i in range(3) for u in users))
+    for u in users:
+        changes = await all_changes(mesh, u)
+        got = await events(mesh.js, u, len(changes))
+        assert [msg_id for msg_id, _, _ in got] == [f"{u}:{c.modseq}" for c in changes]
+    db = mesh.ctx.components["mailbox"].db
+
+    def relay_state(tr: Transaction) -> list[tuple[bool, int, int]]:
+        return [(tr.get(keys.g("dirty", u)) is not None, decode_counter(tr.get(keys.g("relay", u))),
+                 decode_counter(tr.get(keys.u(u, "ctr", "modseq")))) for u in users]
+
+    async def idle() -> bool:
+        return all(not dirty and pos == top for dirty, pos, top in await db.run(relay_state, readonly=True))
+    await eventually(idle, "every user's relay position stored and pending mark cleared")
+
+
 async def _reset_relay(kv_path: str, user: str) -> int:
     db = open_database(kv_path)
     try:

@@ -3,6 +3,7 @@ threads a message connects, the subject fallback and its limits, GetThread and L
 
 from __future__ import annotations
 
+import struct
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -14,6 +15,8 @@ from mailmesh.v1 import mailbox_service_pb2 as pb
 from mailmesh.v1 import types_pb2
 
 from mailmesh_common.blobstore import BlobStore
+from mailmesh_common.kv import Transaction
+from svc_mailbox import keys
 from tests.svc_mailbox.conftest import Mesh
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -299,3 +302,72 @@ async def test_merge_keeps_label_counts(mesh: Mesh, users: dict[str, str]) -> No
     assert [t.id for t in await list_threads(mesh, alice, label_id="SENT")] == [join.thread_id]
     assert [t.id for t in await list_threads(mesh, alice)] == [join.thread_id]
     assert time.monotonic() - start < 10
+
+
+async def _thread_stats_problems(mesh: Mesh, user: str) -> list[str]:
+    """Every stored (thread, label) stat and thread summary compared with a recount of the
+    thread's members (the stats are kept by difference, never by walking the thread)."""
+    db = mesh.ctx.components["mailbox"].db
+
+    def fn(tr: Transaction) -> list[str]:
+        problems: list[str] = []
+        b, e = keys.u_range(user, "tl")
+        for k, v in tr.get_range(b, e):
+            tid, label = keys.unpack(k)[-2:]
+            mb, me = keys.u_range(user, "tlm", tid, label)
+            members = [keys.unpack(mk)[-2:] for mk, _ in tr.get_range(mb, me)]
+            msgs = [types_pb2.Message.FromString(tr.get(keys.u(user, "msg", mid)) or b"") for _, mid in members]
+            want = (len(msgs), sum(m.unread for m in msgs), sum(m.starred for m in msgs),
+                    max(ts for ts, _ in members) if members else 0)
+            got = struct.unpack(">qqqq", v)
+            if got != want:
+                problems.append(f"stats of ({tid}, {label}): stored {got}, members say {want}")
+            if label == "*":
+                thread = types_pb2.Thread.FromString(tr.get(keys.u(user, "thr", tid)) or b"")
+                newest = max(zip(members, msgs, strict=True))[1]
+                if (thread.message_count, thread.snippet, thread.last_message_time) != (
+                        len(msgs), newest.snippet, newest.internal_date):
+                    problems.append(f"summary of {tid} does not follow its newest member {newest.id}")
+        return problems
+
+    return await db.run(fn, readonly=True)
+
+
+async def test_thread_stats_follow_members_in_any_order(mesh: Mesh, users: dict[str, str]) -> None:
+    alice = users["alice"]
+    t = NOW - timedelta(days=1)
+    a = await append(mesh, alice, make_raw("s-a@x", "Stats", date=t, body="first"), when=t)
+    b = await append(mesh, alice, make_raw("s-b@x", "Re: Stats", irt="s-a@x", refs=("s-a@x",), body="newest"),
+                     when=t + timedelta(hours=5))
+    # older than both (a late reply), and one with the same time as the newest
+    c = await append(mesh, alice, make_raw("s-c@x", "Re: Stats", irt="s-a@x", refs=("s-a@x",), body="late"),
+                     when=t - timedelta(hours=2))
+    d = await append(mesh, alice, make_raw("s-d@x", "Re: Stats", irt="s-a@x", refs=("s-a@x",), body="tie"),
+                     when=t + timedelta(hours=5), labels=("INBOX", "IMPORTANT"))
+    other = await append(mesh, alice, make_raw("o@x", "Other", body="other"), when=t + timedelta(hours=3))
+    assert a.thread_id == b.thread_id == c.thread_id == d.thread_id != other.thread_id
+    assert await _thread_stats_problems(mesh, alice) == []
+    assert [th.id for th in await list_threads(mesh, alice, label_id="INBOX")] == [a.thread_id, other.thread_id]
+
+    async def trash(msg_id: str) -> None:
+        await mesh.stub.TrashMessage(pb.TrashMessageRequest(name=f"users/{alice}/messages/{msg_id}"),
+                                     metadata=mesh.md(alice))
+
+    # the two newest leave INBOX: the thread falls back to its next newest member, behind "Other"
+    await trash(b.id)
+    assert await _thread_stats_problems(mesh, alice) == []
+    await trash(d.id)
+    assert await _thread_stats_problems(mesh, alice) == []
+    assert [th.id for th in await list_threads(mesh, alice, label_id="INBOX")] == [other.thread_id, a.thread_id]
+    await mesh.stub.UntrashMessage(pb.UntrashMessageRequest(name=f"users/{alice}/messages/{b.id}"),
+                                   metadata=mesh.md(alice))
+    await mesh.stub.BatchModifyMessages(pb.BatchModifyMessagesRequest(
+        parent="users/me", ids=[b.id, c.id], unread=False, starred=True), metadata=mesh.md(alice))
+    assert await _thread_stats_problems(mesh, alice) == []
+    assert [th.id for th in await list_threads(mesh, alice, label_id="INBOX")] == [a.thread_id, other.thread_id]
+    for m in (b, a):
+        await mesh.stub.DeleteMessage(pb.DeleteMessageRequest(name=f"users/{alice}/messages/{m.id}"),
+                                      metadata=mesh.md(alice))
+        assert await _thread_stats_problems(mesh, alice) == []
+    thread = await get_thread(mesh, alice, a.thread_id)
+    assert [m.id for m in thread.messages] == [c.id, d.id] and thread.snippet.startswith("tie")
