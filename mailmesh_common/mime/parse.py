@@ -15,6 +15,7 @@ A message/* part is a leaf (an attachment); its own parts are not numbered.
 from __future__ import annotations
 
 import codecs
+import functools
 import io
 import re
 from collections.abc import Iterator
@@ -170,6 +171,7 @@ class _Context:
         self.items: list[str] = []
         self._seen: set[str] = set()
         self._headers: dict[int, tuple[Message, dict[str, list[str]]]] = {}
+        self._ctypes: dict[int, tuple[Message, str]] = {}
         self.structured_budget = STRUCTURED_BUDGET
 
     def header_index(self, part: Message) -> dict[str, list[str]]:
@@ -186,6 +188,15 @@ class _Context:
             self.warn(f"headers could not be read ({type(exc).__name__})")
         self._headers[id(part)] = (part, index)
         return index
+
+    def content_type(self, part: Message) -> str:
+        """_content_type(part), worked out once per part."""
+        cached = self._ctypes.get(id(part))
+        if cached is not None and cached[0] is part:
+            return cached[1]
+        ctype = _content_type(part)
+        self._ctypes[id(part)] = (part, ctype)
+        return ctype
 
     def warn(self, text: str) -> None:
         text = text[:300]
@@ -271,6 +282,41 @@ def _tame(value: str) -> bool:
     )
 
 
+class _Failed:
+    """A header value the structured parser raised on (its exception's type name)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+# Parsed header objects by (name, value): the structured parse is a pure function of them and
+# its objects are only read, so mail that repeats a value (a list's To, a sender's From) is
+# parsed once. Bounded: values up to CACHED_VALUE_CHARS, CACHED_VALUES of them (cleared when
+# full), so hostile mail cannot make the cache large.
+CACHED_VALUE_CHARS = 512
+CACHED_VALUES = 1024
+_STRUCTURED_CACHE: dict[tuple[str, str], Any] = {}
+
+
+def _structured(name: str, value: str) -> Any:
+    key = (name, value)
+    cached = _STRUCTURED_CACHE.get(key)
+    if cached is not None:
+        return cached
+    try:
+        header: Any = _POLICY.header_factory(name, value)
+    except Exception as exc:
+        header = _Failed(type(exc).__name__)
+    if len(value) > CACHED_VALUE_CHARS:
+        return header
+    if len(_STRUCTURED_CACHE) >= CACHED_VALUES:
+        _STRUCTURED_CACHE.clear()
+    _STRUCTURED_CACHE[key] = header
+    return header
+
+
 def _header_obj(name: str, value: str, ctx: _Context, *, report: bool = True) -> Any:
     """A policy.default header object for value, or None if the header parser failed or the
     value is too long or odd for it (callers then fall back to lenient parsing)."""
@@ -278,10 +324,9 @@ def _header_obj(name: str, value: str, ctx: _Context, *, report: bool = True) ->
         ctx.warn(f"{name}: header too long or complex; parsed leniently")
         return None
     ctx.structured_budget -= len(value)
-    try:
-        header = _POLICY.header_factory(name, value)
-    except Exception as exc:
-        ctx.warn(f"{name}: header could not be parsed ({type(exc).__name__})")
+    header = _structured(name, value)
+    if isinstance(header, _Failed):
+        ctx.warn(f"{name}: header could not be parsed ({header.kind})")
         return None
     if report:
         ctx.defects(name, getattr(header, "defects", ()))
@@ -322,13 +367,23 @@ def _clean_name(name: str) -> str:
 _SIMPLE_ADDRESSES = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@<>, \t\r\n-]*")
 
 
-def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
+def _simple_addresses(value: str) -> tuple[tuple[str, str], ...] | None:
+    """(name, address) pairs of a plain address list, else None (short values cached)."""
+    if len(value) <= CACHED_VALUE_CHARS:
+        return _simple_addresses_cached(value)
+    return _simple_addresses_uncached(value)
+
+
+def _simple_addresses_uncached(value: str) -> tuple[tuple[str, str], ...] | None:
     if "=?" in value or not _SIMPLE_ADDRESSES.fullmatch(value):
         return None
     pairs = getaddresses([value])
     if any(not a or a.count("@") != 1 for _, a in pairs):
         return None
-    return pairs[:MAX_ADDRESSES]
+    return tuple(pairs[:MAX_ADDRESSES])
+
+
+_simple_addresses_cached = functools.lru_cache(maxsize=CACHED_VALUES)(_simple_addresses_uncached)
 
 
 def _addresses(part: Message, name: str, ctx: _Context) -> list[MailAddress]:
@@ -459,7 +514,7 @@ def _walk(msg: Message, ctx: _Context) -> Iterator[_Leaf]:
     stack: list[tuple[Message, str, int, bool]] = [(msg, "", 0, False)]
     while stack:
         part, pid, depth, in_alt = stack.pop()
-        ctype = _content_type(part)
+        ctype = ctx.content_type(part)
         maintype = ctype.split("/")[0]
         kids = _children(part) if maintype == "multipart" else []
         if maintype == "multipart" and kids:
@@ -561,7 +616,7 @@ def _serialize_body(part: Message) -> bytes:
 
 def _decoded_bytes(part: Message, ctx: _Context, where: str) -> bytes:
     try:
-        if _content_type(part).startswith("message/") or part.is_multipart():
+        if ctx.content_type(part).startswith("message/") or part.is_multipart():
             return _serialize_body(part)
         payload = part.get_payload(decode=True)
     except Exception as exc:
@@ -637,7 +692,7 @@ class _PartFacts:
 
 
 def _facts(part: Message, ctx: _Context) -> _PartFacts:
-    ctype = _content_type(part)
+    ctype = ctx.content_type(part)
     disposition, dparams = _params(part, "Content-Disposition", ctx)
     _, cparams = _params(part, "Content-Type", ctx)
     filename = dparams.get("filename") or cparams.get("name") or ""
@@ -672,7 +727,11 @@ def _snippet_source(text: str) -> str:
     """Text minus quoted lines, attribution lines and the signature, when anything is left."""
     lines = text.split("\n")
     kept: list[str] = []
+    words = 0  # characters of the kept lines' words (with a separator each): the snippet
+    # needs only its first SNIPPET_CHARS, so lines after that many are not looked at
     for i, line in enumerate(lines):
+        if words > SNIPPET_CHARS:
+            break
         stripped = line.strip()
         if line.rstrip() == "--":  # RFC 3676 4.3 signature separator "-- "
             break
@@ -683,6 +742,8 @@ def _snippet_source(text: str) -> str:
             if following.startswith(">"):
                 continue
         kept.append(line)
+        for word in line.split():
+            words += len(word) + 1
     result = " ".join(kept).strip()
     return result or text
 
@@ -700,7 +761,37 @@ def _make_snippet(text: str, html: str) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
+def _parse_single_part(raw: bytes) -> Message | None:
+    """The feed parser's result for a single-part message without reading its body line by
+    line (most of its work on such mail), or None when the message may not be single-part
+    or its header section is anything but plain (the full parse then runs). The feed parser
+    sets the rest of the input after the blank line as the payload of a non-multipart,
+    non-message/* part; a header section that ends at that blank line parses the same alone."""
+    ends = [(i, n) for i, n in ((raw.find(b"\r\n\r\n"), 4), (raw.find(b"\n\n"), 2)) if i >= 0]
+    if not ends:
+        return None
+    i, n = min(ends)
+    cut = i + n
+    head = raw[:cut]
+    lowered = head.lower()
+    if b"multipart" in lowered or b"message/" in lowered:
+        return None
+    msg = BytesParser(policy=_STRUCTURE_POLICY).parsebytes(head, headersonly=True)
+    # defects, or header lines left over as payload: the parser did not end the header
+    # section at that blank line
+    if msg.defects or msg.get_payload() != "" or msg.get_content_maintype() in ("multipart", "message"):
+        return None
+    msg.set_payload(raw[cut:].decode("ascii", "surrogateescape"))
+    return msg
+
+
 def _parse_bytes(raw: bytes, ctx: _Context) -> Message | None:
+    try:
+        fast = _parse_single_part(raw)
+        if fast is not None:
+            return fast
+    except Exception:
+        pass  # the full parse below reports it
     try:
         return BytesParser(policy=_STRUCTURE_POLICY).parsebytes(raw)
     except Exception as exc:

@@ -52,6 +52,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from mailmesh_common.kv import (
     Database,
@@ -64,6 +65,7 @@ from mailmesh_common.kv import (
     set_chunked,
 )
 from mailmesh_common.kv.sqlite import SqliteDatabase
+from mailmesh_common.telemetry import tracer
 from svc_ingest.spam.bytemodel import ByteModel, Snapshot
 from svc_ingest.spam.tokenizer import GROUPS, token_group
 
@@ -323,6 +325,24 @@ class _TokenCache:
                 del entries[token]
 
 
+_UNREAD = object()  # a value score() did not read (the cached one applies)
+
+
+class _Reads:
+    """What one score() transaction read: None (or _UNREAD for the combiner) = not read."""
+
+    __slots__ = ("glob", "combiner", "snapshot", "tokens", "user_counts", "user_tokens", "user_byte")
+
+    def __init__(self) -> None:
+        self.glob: Counts | None = None
+        self.combiner: object = _UNREAD
+        self.snapshot: Snapshot | None = None
+        self.tokens: dict[str, tuple[int, int]] | None = None
+        self.user_counts: Counts | None = None
+        self.user_tokens: dict[str, tuple[int, int]] | None = None
+        self.user_byte = 0.0
+
+
 class BayesModel:
     """Token counts in the KV store: a global model plus per-user adjustments."""
 
@@ -436,28 +456,138 @@ class BayesModel:
         await self.db.run(fn)
         self._combiner = (time.monotonic(), value)
 
-    async def score(self, tokens: Sequence[str], user_id: str = "") -> BayesResult:
+    async def score(self, tokens: Sequence[str], user_id: str = "",
+                    buckets: Callable[[], Sequence[int]] | None = None) -> BayesResult:
         """The chi-squared indicator of a token set, with the user's adjustments if any, its
-        per-group indicators, and the stored combiner."""
-        glob = await self._global_counts()
+        per-group indicators, and the stored combiner. With `buckets` (the message's byte model
+        buckets, asked for only when a combiner is stored) the result also carries the byte
+        model's log-odds: the global weights plus the user's adjustments.
+
+        Everything not in the replica's caches (global totals and token counts, combiner, byte
+        model snapshot) and the user's own state is read in ONE read-only transaction (none
+        when the caches hold it all and there is no user); on a remote store, token lists
+        longer than read_chunk are read in concurrent chunks as token_counts() does."""
+        now = time.monotonic()
+        cache = self._cache
+        generation = cache.generation
+        totals = cache.totals
+        glob_cached = totals[1] if totals is not None and now - totals[0] < cache.ttl_s else None
+        comb_cached = self._combiner
+        comb_fresh = comb_cached is not None and now - comb_cached[0] < COMBINER_TTL_S
+        bm = self.bytes
+        snap_cached = bm._snapshot
+        snap_fresh = snap_cached is not None and now - snap_cached[0] < bm.ttl_s
+        byte_generation = bm._generation
+        hits, missing = cache.lookup(tokens, now)
+        inline_tokens = len(missing) <= self.read_chunk
+        inline_user = len(tokens) <= self.read_chunk
+        memo: list[Sequence[int]] = []
+
+        def message_buckets() -> Sequence[int]:
+            if not memo:
+                memo.append(buckets() if buckets is not None else ())
+            return memo[0]
+
+        need_read = (glob_cached is None or not comb_fresh or bool(user_id)
+                     or (missing and inline_tokens)
+                     or (comb_cached is not None and comb_cached[1] is not None and not snap_fresh))
+        reads = _Reads()
+        if need_read:
+            reads = await self.db.run(
+                lambda tr: self._read_for_score(
+                    tr, reads=_Reads(), glob=glob_cached, combiner=comb_cached[1] if comb_fresh
+                    and comb_cached is not None else _UNREAD, snapshot=snap_cached[1]
+                    if snap_fresh and snap_cached is not None else None,
+                    stale_snapshot=snap_cached[1] if snap_cached is not None else None,
+                    missing=missing if inline_tokens else None, user_id=user_id,
+                    user_tokens=tokens if inline_user else None,
+                    buckets=message_buckets if buckets is not None else None),
+                readonly=True)
+        glob = reads.glob if reads.glob is not None else glob_cached
+        assert glob is not None
+        if reads.glob is not None:
+            trained = glob.spam >= self.min_trained and glob.ham >= self.min_trained
+            if trained and generation == cache.generation:
+                cache.totals = (now, glob)
         if glob.spam < self.min_trained or glob.ham < self.min_trained:
             return BayesResult(0.5, False, (), glob)
-        combiner = await self.combiner()
-        snapshot = await self.bytes.snapshot() if combiner is not None else None
-        counts: dict[str, tuple[float, float]] = dict(await self._global_token_counts(tokens))
+        combiner: bytes | None
+        if reads.combiner is not _UNREAD:
+            combiner = cast("bytes | None", reads.combiner)
+            self._combiner = (now, combiner)
+        else:
+            assert comb_cached is not None
+            combiner = comb_cached[1]
+        snapshot: Snapshot | None = None
+        if combiner is not None:
+            if reads.snapshot is not None:
+                snapshot = reads.snapshot
+                if byte_generation == bm._generation:
+                    bm._snapshot = (time.monotonic(), snapshot)
+            else:
+                assert snap_cached is not None
+                snapshot = snap_cached[1]
+        if missing:
+            if reads.tokens is not None:
+                found = reads.tokens
+            else:
+                found = await self.token_counts(missing)
+            cache.store(missing, found, now, generation)
+            hits.update(found)
+        counts: dict[str, tuple[float, float]] = dict(hits)
         nspam: float = glob.spam
         nham: float = glob.ham
         if user_id:
-            mine = await self.counts(user_id)
-            if mine.spam or mine.ham:
+            mine = reads.user_counts
+            if mine is not None and (mine.spam or mine.ham):
                 nspam += USER_WEIGHT * mine.spam
                 nham += USER_WEIGHT * mine.ham
-                for token, (s, h) in (await self.token_counts(tokens, user_id)).items():
+                user_found = reads.user_tokens
+                if user_found is None:
+                    user_found = await self.token_counts(tokens, user_id)
+                for token, (s, h) in user_found.items():
                     gs, gh = counts.get(token, (0, 0))
                     counts[token] = (gs + USER_WEIGHT * s, gh + USER_WEIGHT * h)
         probability, clues, parts = clues_and_parts(counts, nspam, nham)
+        byte_logit: float | None = None
+        if snapshot is not None and buckets is not None:
+            byte_logit = snapshot.logit(message_buckets())
+            if user_id:
+                byte_logit += reads.user_byte
         return BayesResult(probability, True, tuple(clues), glob,
-                           tuple((g, *parts[g]) for g in GROUPS), combiner, snapshot)
+                           tuple((g, *parts[g]) for g in GROUPS), combiner, snapshot, byte_logit)
+
+    def _read_for_score(self, tr: Transaction, *, reads: _Reads, glob: Counts | None,
+                        combiner: object, snapshot: Snapshot | None,
+                        stale_snapshot: Snapshot | None, missing: Sequence[str] | None,
+                        user_id: str, user_tokens: Sequence[str] | None,
+                        buckets: Callable[[], Sequence[int]] | None) -> _Reads:
+        """score()'s reads, in one transaction: only what the caller lacks (glob None, combiner
+        _UNREAD, snapshot None mean "not cached")."""
+        if glob is None:
+            glob = reads.glob = self._read_counts(tr, self._global)
+        if glob.spam < self.min_trained or glob.ham < self.min_trained:
+            return reads
+        if combiner is _UNREAD:
+            combiner = reads.combiner = tr.get(self._combiner_key)
+        if combiner is not None and snapshot is None:
+            version = decode_counter(tr.get(self.bytes._version_key))
+            if stale_snapshot is not None and stale_snapshot.version == version:
+                snapshot = reads.snapshot = stale_snapshot
+            else:
+                with tracer(__name__).start_as_current_span("spam.byte_model.reload") as span:
+                    snapshot = reads.snapshot = self.bytes._read_all(tr)
+                    span.set_attribute("mailmesh.spam.byte_model.version", snapshot.version)
+        if missing:
+            reads.tokens = self._read_tokens(tr, self._global, missing)
+        if user_id:
+            scope = self._scope(user_id)
+            mine = reads.user_counts = self._read_counts(tr, scope)
+            if (mine.spam or mine.ham) and user_tokens is not None:
+                reads.user_tokens = self._read_tokens(tr, scope, user_tokens)
+            if combiner is not None and buckets is not None:
+                reads.user_byte = self.bytes.read_user_logit(tr, user_id, buckets)
+        return reads
 
     # --- training ----------------------------------------------------------------------------
 

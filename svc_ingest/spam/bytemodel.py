@@ -48,7 +48,7 @@ import struct
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from mailmesh_common.kv import Database, Subspace, Transaction, TransactionTimedOut, decode_counter
 from mailmesh_common.telemetry import tracer
@@ -86,6 +86,15 @@ def grams(raw: bytes) -> list[int]:
         if n > 0:
             windows.update(struct.unpack_from(f">{n}I", head, offset))
     return list({(w * _HASH & _MASK32) >> _SHIFT for w in windows})
+
+
+def _int_element(n: int) -> bytes:
+    """fdb.tuple encoding of one non-negative int element (type code 0x14 + its byte count,
+    then big-endian bytes): what Subspace.pack produces for a bucket, without its per-call cost."""
+    if n == 0:
+        return b"\x14"
+    size = (n.bit_length() + 7) // 8
+    return bytes((0x14 + size,)) + n.to_bytes(size, "big")
 
 
 def _sigmoid(z: float) -> float:
@@ -227,12 +236,18 @@ class ByteModel:
 
     async def user_logit(self, user_id: str, buckets: Sequence[int]) -> float:
         """The sum of a user's adjustments over these buckets (0.0 when they have none)."""
-        def fn(tr: Transaction) -> float:
-            if decode_counter(tr.get(self._user_count_key(user_id))) <= 0:
-                return 0.0
-            return sum(decode_counter(tr.get(self._user_key(user_id, b))) for b in buckets) / SCALE
+        return await self.db.run(lambda tr: self.read_user_logit(tr, user_id, lambda: buckets),
+                                 readonly=True)
 
-        return await self.db.run(fn, readonly=True)
+    def read_user_logit(self, tr: Transaction, user_id: str,
+                        buckets: Callable[[], Sequence[int]]) -> float:
+        """user_logit() inside the caller's transaction; buckets is called only when the user
+        has adjustments."""
+        if decode_counter(tr.get(self._user_count_key(user_id))) <= 0:
+            return 0.0
+        prefix = self.space.pack(("u", user_id, "x"))
+        get = tr.get
+        return sum(decode_counter(get(prefix + _int_element(b))) for b in buckets()) / SCALE
 
     # --- writing -----------------------------------------------------------------------------
 

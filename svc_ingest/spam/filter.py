@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import hashlib
 import sys
@@ -151,16 +150,12 @@ class SpamFilter:
         """The models' evidence on an analysed message: the token model's (bayes.py) and, when
         a combiner is stored, the byte model's log-odds (global weights plus the user's
         adjustments)."""
-        bayes = await self.model.score(analysis.tokens, user_id)
-        if bayes.byte_snapshot is None:
-            return bayes
-        with tracer(__name__).start_as_current_span("spam.byte_model") as span:
-            buckets = bytemodel.grams(analysis.raw)
-            logit = bayes.byte_snapshot.logit(buckets)
-            if user_id:
-                logit += await self.bytes.user_logit(user_id, buckets)
-            span.set_attribute("mailmesh.spam.byte_logit", logit)
-        return dataclasses.replace(bayes, byte_logit=logit)
+        with tracer(__name__).start_as_current_span("spam.score") as span:
+            bayes = await self.model.score(analysis.tokens, user_id,
+                                           lambda: bytemodel.grams(analysis.raw))
+            if bayes.byte_logit is not None:
+                span.set_attribute("mailmesh.spam.byte_logit", bayes.byte_logit)
+        return bayes
 
     def judge(self, analysis: Analysis, bayes: BayesResult,
               auth: AuthSummary | None = None) -> Verdict:

@@ -535,3 +535,29 @@ def test_fast_address_path_agrees_with_the_structured_parser() -> None:
     for v in ['"Quoted, Name" <q@example.com>', "=?utf-8?q?J=C3=B6rg?= <j@example.com>", "group: a@b.example;",
               "Jörg <j@example.com>", "(comment) c@example.com", "broken@", "no-at-sign"]:
         assert _simple_addresses(v) is None, v
+
+
+@pytest.mark.parametrize(("raw", "text", "subject"), [
+    # plain single-part mail (read without walking the body line by line): the body as sent
+    (b"Subject: a\r\nTo: b@example.com\r\n\r\nline one\r\nline two\r\n\r\nend", "line one\nline two\n\nend", "a"),
+    (b"Subject: a\n\nx\r\ny\rz\n", "x\ny\nz\n", "a"),
+    # the header section ends earlier than the first CRLF CRLF / LF LF: a bare CR line,
+    # an LF line followed by a CRLF line, a non-header line, a trailing envelope line
+    (b"Subject: a\r\n\rbody\r\n\r\nmore", "body\n\nmore", "a"),
+    (b"Subject: a\n\r\nbody\n\nmore", "body\n\nmore", "a"),
+    (b"Subject: a\r\nnot a header\r\n\r\nbody", "not a header\n\nbody", "a"),
+    (b"Subject: a\nFrom someone\n\nbody", "From someone\nbody", "a"),  # the email package eats the blank line
+    # folded headers and 8-bit bodies
+    (b"Subject: a\r\n b\r\n\r\ncaf\xc3\xa9\r\n", "caf\u00e9\n", "a b"),
+])
+def test_single_part_bodies_are_read_as_the_full_parser_reads_them(raw: bytes, text: str, subject: str) -> None:
+    parsed = parse_message(raw)
+    assert parsed.text_body == text
+    assert parsed.subject == subject
+
+
+def test_a_long_plain_body_gives_a_snippet_from_its_start_only() -> None:
+    body = "\n".join(f"line {i} of a long note" for i in range(5000))
+    parsed = parse_message(b"Subject: s\n\n> quoted first\n" + body.encode() + b"\n-- \nsig\n")
+    assert parsed.snippet == " ".join(f"line {i} of a long note" for i in range(40))[:200].rstrip()
+    assert len(parsed.snippet) == 200 and "quoted" not in parsed.snippet

@@ -17,7 +17,7 @@ import pytest
 
 from mailmesh_common.kv import Database, Subspace, open_database
 from svc_ingest.spam.bayes import _tuple_str, chi2_combine, chi2_evidence, clues_of, token_prob
-from svc_ingest.spam.bytemodel import BUCKETS, PREFIX_BYTES, grams
+from svc_ingest.spam.bytemodel import BUCKETS, PREFIX_BYTES, _int_element, grams
 from svc_ingest.spam.combine import BYTES_SCALE, FEATURES, Combiner, features, regression
 from svc_ingest.spam.filter import (
     BAYES_MAX,
@@ -102,6 +102,9 @@ def test_fast_key_encoding_is_fdb_tuple_encoding() -> None:
     for token in ("hello", "bi:free money", "nul\x00byte", "ünïcödé", ""):
         fast = space.pack(("t",)) + _tuple_str(token) + _tuple_str("s")
         assert fast == space.pack(("t", token, "s")) == space.key + fdb.tuple.pack(("t", token, "s"))
+    user = Subspace(("spam",)).subspace(("u", "bob"))
+    for bucket in (0, 1, 255, 256, 65535, 65536, BUCKETS - 1):  # the byte model's user keys
+        assert user.pack(("x",)) + _int_element(bucket) == user.pack(("x", bucket))
 
 
 # --- training in the KV store ----------------------------------------------------------------
@@ -587,3 +590,77 @@ async def test_replica_token_cache_sees_own_training_at_once_and_others_after_it
     finally:
         for d in dbs:
             await d.close()
+
+
+# --- reads per message -----------------------------------------------------------------------
+
+class CountingStore:
+    """The real store, counting the read-only transactions the filter runs."""
+
+    def __init__(self, inner: Database) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    async def run(self, fn, *, readonly: bool = False):  # type: ignore[no-untyped-def]
+        if readonly:
+            self.reads += 1
+        return await self.inner.run(fn, readonly=readonly)
+
+
+async def reference_score(flt: SpamFilter, raw: bytes, user: str) -> tuple[object, ...]:
+    """The model's evidence read key family by key family, with no caches (as score() did
+    before it read everything in one transaction)."""
+    from svc_ingest.spam.bayes import USER_WEIGHT, clues_and_parts
+
+    tokens = analyze(raw).tokens
+    glob = await flt.model.counts()
+    counts: dict[str, tuple[float, float]] = dict(await flt.model.token_counts(tokens))
+    nspam: float = glob.spam
+    nham: float = glob.ham
+    mine = await flt.model.counts(user)
+    if mine.spam or mine.ham:
+        nspam += USER_WEIGHT * mine.spam
+        nham += USER_WEIGHT * mine.ham
+        for token, (s, h) in (await flt.model.token_counts(tokens, user)).items():
+            gs, gh = counts.get(token, (0, 0))
+            counts[token] = (gs + USER_WEIGHT * s, gh + USER_WEIGHT * h)
+    probability, clues, parts = clues_and_parts(counts, nspam, nham)
+    buckets = grams(raw)
+    logit = (await flt.bytes.snapshot()).logit(buckets) + await flt.bytes.user_logit(user, buckets)
+    return probability, tuple(clues), tuple((g, *parts[g]) for g in GROUPS), logit
+
+
+async def test_scoring_reads_once_per_message_and_scores_exactly_as_separate_reads(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "spam.db")
+    other = open_database(tmp_path / "spam.db")
+    try:
+        await trained(db, fit=True)
+        trainer = SpamFilter(db)
+        for i in range(3):  # bob's own judgement: his token counts and byte adjustments
+            await trainer.train(mail(f"garden digest {i}", f"roses tulips soil issue{i}"), is_spam=True,
+                                user_id="bob")
+        store = CountingStore(other)
+        replica = SpamFilter(store)  # type: ignore[arg-type]
+        probes = [mail("winner bonus", "cheap pills casino lottery offer viagra"),
+                  mail("project review", "meeting agenda notes team schedule"),
+                  mail("garden digest 9", "roses tulips soil issue9 unsubscribe")]
+        for raw in probes:
+            for user in ("bob", "alice"):
+                before = store.reads
+                analysis = analyze(raw)
+                result = await replica.score(analysis, user)
+                assert store.reads - before == 1, user  # one transaction, caches cold or warm
+                want = await reference_score(SpamFilter(db), raw, user)
+                assert (result.probability, result.clues, result.parts, result.byte_logit) == want
+                assert replica.judge(analysis, result) == await SpamFilter(db).classify(raw, user_id=user)
+        before = store.reads
+        await replica.score(analyze(probes[0]))  # no user, everything cached: no read at all
+        assert store.reads == before
+        # this replica's own training shows at once, with its caches warm
+        await replica.train(probes[1], is_spam=True, user_id="alice")
+        result = await replica.score(analyze(probes[1]), "alice")
+        assert (result.probability, result.clues, result.parts, result.byte_logit) == \
+            await reference_score(SpamFilter(db), probes[1], "alice")
+    finally:
+        await other.close()
+        await db.close()
