@@ -14,6 +14,8 @@ core on a loaded machine) and this process's CPU time.
 The split: a file is held out when sha256(file name) % 5 == 0 (tests/svc_ingest/
 test_spam_filter.py held_out); training never sees those files and nothing is tuned on them.
 Prints figures; asserts nothing (tests/svc_ingest/test_spam_filter.py guards the figures).
+Choices are made by nested cross-validation inside the training part (tests/bench/cv_spam.py),
+never by this script's held-out figures.
 """
 
 from __future__ import annotations
