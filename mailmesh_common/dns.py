@@ -14,7 +14,9 @@ that cannot exist in the DNS (empty or over-long label) and a CNAME loop count a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,9 @@ import dns.exception
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
@@ -84,6 +88,7 @@ def _configure(resolver: dns.resolver.BaseResolver, servers: Sequence[tuple[str,
     resolver.use_edns(0, 0, 1232)
 
 
+@functools.lru_cache(maxsize=DEFAULT_CACHE_ENTRIES)  # names repeat (_dmarc.<domain>); a Name is immutable
 def _qname(name: str) -> dns.name.Name | None:
     """The absolute name, or None when `name` cannot exist in the DNS (bad or over-long label)."""
     try:
@@ -135,6 +140,10 @@ class Resolver:
         qname = _qname(name)
         if qname is None:
             return self._missing(name, rdtype, True, missing_ok)
+        cached = self._cached(qname, rdtype)
+        if cached is not None:
+            rdatas, nxdomain = cached
+            return rdatas if rdatas else self._missing(name, rdtype, nxdomain, missing_ok)
         try:
             answer = await self._async.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
         except dns.exception.DNSException as exc:
@@ -142,6 +151,22 @@ class Resolver:
         if answer.rrset is None:
             return self._missing(name, rdtype, False, missing_ok)
         return list(answer.rrset)
+
+    def _cached(self, qname: dns.name.Name, rdtype: RdType) -> tuple[list[Any], bool] | None:
+        """(rdata, name does not exist) from the cache, None when it has no answer: what
+        dnspython's resolve would find there first, without setting up a resolution (the
+        cache-hit path is most lookups on ingest's message path)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        answer = cache.get((qname, dns.rdatatype.RdataType.make(rdtype), dns.rdataclass.IN))
+        if answer is not None:
+            return ([] if answer.rrset is None else list(answer.rrset)), False
+        # a name that does not exist is cached under the ANY type (as in dnspython's resolve)
+        answer = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if answer is not None and answer.response.rcode() == dns.rcode.NXDOMAIN:
+            return [], True
+        return None
 
     def sync_lookup(self, name: str, rdtype: RdType, *, missing_ok: bool = True) -> list[Any]:
         """`lookup` for synchronous callers in a worker thread (never on the event loop)."""
@@ -155,6 +180,27 @@ class Resolver:
         if answer.rrset is None:
             return self._missing(name, rdtype, False, missing_ok)
         return list(answer.rrset)
+
+    def sync_lookup_valid_until(self, name: str, rdtype: RdType) -> tuple[list[Any], float]:
+        """`sync_lookup` (absent: []) and the time (time.time()) until which that answer stands:
+        when its TTL, or the negative TTL of a name or type that does not exist (RFC 2308), runs
+        out of the shared cache. 0.0 when that is not known (no cache, a CNAME loop); inf for a
+        name that cannot exist in the DNS. For callers that keep results derived from answers
+        (SPF verdicts) no longer than the answers themselves."""
+        qname = _qname(name)
+        if qname is None:
+            return [], math.inf
+        if self.cache is None:
+            return self.sync_lookup(name, rdtype), 0.0
+        try:
+            answer = self._sync.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN as exc:
+            # dnspython caches a name that does not exist under its ANY type, whatever was asked
+            cached = self.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+            return self._failed(name, rdtype, exc, True), float(cached.expiration) if cached is not None else 0.0
+        except dns.exception.DNSException as exc:
+            return self._failed(name, rdtype, exc, True), 0.0
+        return ([] if answer.rrset is None else list(answer.rrset)), float(answer.expiration)
 
     @staticmethod
     def _missing(name: str, rdtype: RdType, nxdomain: bool, missing_ok: bool) -> list[Any]:

@@ -3,6 +3,7 @@ trace context carried in NATS headers."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -86,7 +87,11 @@ def shutdown_telemetry() -> None:
         _provider.shutdown()
 
 
+@functools.lru_cache(maxsize=64)
 def tracer(name: str = "mailmesh") -> trace.Tracer:
+    """The tracer of `name`, made once: the SDK builds a new Tracer on every get_tracer call, and
+    spans are started per message. One made before setup_telemetry is a proxy that switches to
+    the real provider once that is installed."""
     return trace.get_tracer(name)
 
 

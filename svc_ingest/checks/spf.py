@@ -6,6 +6,13 @@ single point of DNS access, so every lookup goes through mailmesh's Resolver (it
 cache) and nothing global in pyspf is patched. RFC 7208 processing limits stay pyspf's: 10
 DNS-querying terms (4.6.4), 2 void lookups (4.6.4), 10 MX / PTR names (4.6.4); the whole
 evaluation gets MAX_EVALUATION_S (4.6.4: "at least 20 seconds") before it is a temperror.
+
+A verdict is remembered per resolver, keyed by everything the evaluation reads (client IP,
+MAIL FROM, HELO, receiver), until the first DNS answer it used expires (each answer's TTL, or
+negative TTL): within that time a new evaluation would read the same answers from the resolver's
+cache and reach the same verdict, so a burst of mail from one sender is evaluated once. Only
+verdicts that depend on nothing else are kept: not temperror or permerror, and not one carrying
+the domain's own exp= text (it may hold the %{t} time stamp macro, RFC 7208 7.3).
 """
 
 from __future__ import annotations
@@ -15,7 +22,11 @@ import contextvars
 import functools
 import ipaddress
 import logging
+import math
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +41,8 @@ log = logging.getLogger(__name__)
 MAX_EVALUATION_S = 20.0
 EVALUATION_THREADS = 32  # concurrent evaluations; more wait their turn
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+CACHE_ENTRIES = 10_000  # remembered verdicts per resolver
+_CACHEABLE = ("pass", "fail", "softfail", "neutral", "none")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class _Query(pyspf.query):  # type: ignore[misc]
     def __init__(self, resolver: Resolver, deadline: float, **kwargs: Any) -> None:
         self._resolver = resolver
         self._deadline = deadline
+        self.valid_until = math.inf  # when the first DNS answer used so far expires
         super().__init__(**kwargs)
 
     def dns(self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False) -> list[Any]:
@@ -79,9 +93,10 @@ class _Query(pyspf.query):  # type: ignore[misc]
             if time.monotonic() > self._deadline:
                 raise pyspf.TempError("DNS Error: exceeded max query lookup time")
             try:
-                rdatas = self._resolver.sync_lookup(name, qtype)
+                rdatas, until = self._resolver.sync_lookup_valid_until(name, qtype)
             except DnsTempError as exc:
                 raise pyspf.TempError(f"DNS {exc.message}") from None
+            self.valid_until = min(self.valid_until, until)
             result = [_rdata_for_pyspf(qtype, r) for r in rdatas]
             self.cache[key] = result
         if not result and not ignore_void:
@@ -108,7 +123,50 @@ def _client_ip(ip: str) -> str:
     return str(addr)
 
 
-def _evaluate(resolver: Resolver, ip: str, sender: str, helo: str, receiver: str) -> tuple[str, str]:
+_Key = tuple[str, str, str, str]  # client IP, sender, HELO, receiver
+
+
+class _Verdicts:
+    """The remembered verdicts of one resolver (module doc), least recently used dropped first."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._lock = threading.Lock()  # resolvers may be shared by event loops in several threads
+        self._data: OrderedDict[_Key, tuple[float, str, str]] = OrderedDict()
+
+    def get(self, key: _Key) -> tuple[str, str] | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None:
+                return None
+            if time.time() >= hit[0]:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return hit[1], hit[2]
+
+    def put(self, key: _Key, valid_until: float, result: str, explanation: str) -> None:
+        if self.entries <= 0 or result not in _CACHEABLE or explanation != pyspf.EXPLANATIONS.get(result) \
+                or valid_until <= time.time():
+            return
+        with self._lock:
+            self._data[key] = (valid_until, result, explanation)
+            self._data.move_to_end(key)
+            while len(self._data) > self.entries:
+                self._data.popitem(last=False)
+
+
+_VERDICTS: weakref.WeakKeyDictionary[Resolver, _Verdicts] = weakref.WeakKeyDictionary()
+
+
+def _verdicts(resolver: Resolver) -> _Verdicts:
+    found = _VERDICTS.get(resolver)
+    if found is None:
+        found = _VERDICTS.setdefault(resolver, _Verdicts())
+    return found
+
+
+def _evaluate(resolver: Resolver, ip: str, sender: str, helo: str, receiver: str) -> tuple[str, str, float]:
     query = _Query(resolver, time.monotonic() + MAX_EVALUATION_S,
                    i=ip, s=sender, h=helo, receiver=receiver, strict=True)
     if sender.count("@") > 1:
@@ -117,7 +175,7 @@ def _evaluate(resolver: Resolver, ip: str, sender: str, helo: str, receiver: str
         local, _, domain = sender.rpartition("@")
         query.l, query.o, query.d = local, domain, domain
     result, _code, explanation = query.check()
-    return str(result), str(explanation or "")
+    return str(result), str(explanation or ""), query.valid_until
 
 
 async def check_spf(resolver: Resolver, ip: str, mail_from: str, helo: str, *,
@@ -138,14 +196,20 @@ async def check_spf(resolver: Resolver, ip: str, mail_from: str, helo: str, *,
     domain = domain.rstrip(".").lower()
     if not domain:
         return SpfResult("none", "", scope, "no identity to check")
+    receiver = receiver or "unknown"
+    key = (client, sender, helo, receiver)
+    verdicts = _verdicts(resolver)
+    known = verdicts.get(key)
+    if known is not None:
+        return SpfResult(known[0], domain, scope, known[1])
     loop = asyncio.get_running_loop()
-    job = functools.partial(contextvars.copy_context().run, _evaluate,
-                            resolver, client, sender, helo, receiver or "unknown")
+    job = functools.partial(contextvars.copy_context().run, _evaluate, resolver, client, sender, helo, receiver)
     try:
-        result, explanation = await loop.run_in_executor(_executor(), job)
+        result, explanation, valid_until = await loop.run_in_executor(_executor(), job)
     except Exception:  # a record pyspf cannot digest is the domain's problem, not a crash
         log.exception("SPF evaluation failed for %s", domain)
-        result, explanation = "permerror", "SPF evaluation error"
+        result, explanation, valid_until = "permerror", "SPF evaluation error", 0.0
+    verdicts.put(key, valid_until, result, explanation)
     if result not in RESULTS:
         result = "permerror"
     return SpfResult(result, domain, scope, explanation)

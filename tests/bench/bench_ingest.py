@@ -21,6 +21,11 @@ rates move with the load, the CPU cost much less. `--ingest-workers N` runs N sv
 processes on one SMTP port (SO_REUSEPORT), as `mailmesh up` does with `ingest_workers = N`;
 `--profile DIR` runs the services under cProfile.
 
+The blob store starts empty, so most puts of a run are the first into their `ab/cd` directory
+(65,536 of them) and pay for creating it, which a store in use for a while no longer does;
+`--premade-blob-dirs` creates them all first, to measure that steady state. The output says which
+(`blob_store`).
+
 Prints figures; asserts nothing.
 """
 
@@ -124,6 +129,14 @@ class SmtpClient:
 PROFILE_DIR: Path | None = None
 
 
+def premake_blob_dirs(root: Path) -> None:
+    """The blob store's ab/cd directories, all of them, made durable (BlobStore's layout)."""
+    for a in range(256):
+        for b in range(256):
+            (root / f"{a:02x}" / f"{b:02x}").mkdir(parents=True, exist_ok=True)
+    os.sync()
+
+
 def spawn(module: str, settings: Settings, logs: Path, suffix: str = "") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILMESH_")}
     env.update(settings_env(settings))
@@ -219,6 +232,8 @@ async def main() -> None:
     ap.add_argument("--probes", type=int, default=200, help="messages for the unloaded latency")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     ap.add_argument("--ingest-workers", type=int, default=1, help="svc_ingest processes sharing the SMTP port")
+    ap.add_argument("--premade-blob-dirs", action="store_true",
+                    help="create the blob store's 65,536 ab/cd directories first, as in a store in use for a while")
     ap.add_argument("--profile", metavar="DIR", help="run the services under cProfile, writing DIR/<module>.prof")
     ap.add_argument("--train", type=int, default=1000, metavar="N",
                     help="train the spam model on N spam + N ham of ../shared/corpus/spam first, so the filter "
@@ -245,6 +260,8 @@ async def main() -> None:
             smtp_hostname="mx.bench.test", per_ip_max_connections=0, per_ip_messages_per_minute=0,
             ingest_workers=args.ingest_workers)
         settings.data_dir.mkdir(parents=True)
+        if args.premade_blob_dirs:
+            premake_blob_dirs(settings.data_dir / "blobs")
         trained = await train_spam_model(settings, args.train)
         procs.append(spawn("svc_mailbox", settings, logs))
         await wait_port(settings.mailbox_port, procs[0])
@@ -343,6 +360,8 @@ async def main() -> None:
         await nc.close()
         await channel.close()
         print(json.dumps({"message_bytes": MESSAGE_BYTES, "connections": args.connections,
+                          "blob_store": "all ab/cd directories made beforehand" if args.premade_blob_dirs
+                          else "fresh: most puts create their ab/cd directory",
                           "ingest_workers": args.ingest_workers, "spam_model_trained_on": trained,
                           "cores": os.cpu_count(), "runs": results}, indent=2))
     finally:

@@ -204,3 +204,89 @@ async def test_quoted_local_part_with_at_sign_checks_the_real_domain(example: Dn
     example.add("attacker.example", "TXT", "v=spf1 +all")
     got = await check_spf(resolver, "198.51.100.99", '"x@attacker.example"@example.com', "x")
     assert (got.result, got.domain) == ("fail", "example.com")
+
+
+# --- verdicts kept no longer than the answers they rest on ------------------------------------
+
+def _asked(dns_server: DnsServer, name: str) -> int:
+    return sum(1 for q in dns_server.queries if q[0] == name)
+
+
+async def test_a_repeated_check_is_answered_without_the_dns(example: DnsServer, resolver: Resolver) -> None:
+    first = await check_spf(resolver, "203.0.113.5", "a@example.com", "x")
+    asked = len(example.queries)
+    again = await check_spf(resolver, "203.0.113.5", "a@example.com", "x")
+    assert again == first and first.result == "pass"
+    assert len(example.queries) == asked
+    # another client, sender or HELO is evaluated on its own
+    assert (await check_spf(resolver, "198.51.100.99", "a@example.com", "x")).result == "fail"
+    assert (await check_spf(resolver, "203.0.113.5", "b@example.com", "x")).result == "pass"
+
+
+async def test_a_changed_record_is_seen_once_its_ttl_ran_out(dns_server: DnsServer, resolver: Resolver) -> None:
+    # the verdict rests on two records; the included one may not be kept at all (TTL 0)
+    dns_server.add("short.example", "TXT", "v=spf1 include:_inc.short.example -all", ttl=3600)
+    dns_server.add("_inc.short.example", "TXT", "v=spf1 ip4:192.0.2.1 -all", ttl=0)
+    assert (await check_spf(resolver, "192.0.2.1", "a@short.example", "x")).result == "pass"
+    dns_server.remove("_inc.short.example")
+    dns_server.add("_inc.short.example", "TXT", "v=spf1 ip4:192.0.2.2 -all", ttl=0)
+    assert (await check_spf(resolver, "192.0.2.1", "a@short.example", "x")).result == "fail"
+    assert _asked(dns_server, "_inc.short.example") == 2
+    assert _asked(dns_server, "short.example") == 1  # its own answer still came from the cache
+
+
+async def test_a_verdict_with_the_domains_explanation_is_evaluated_each_time(
+        dns_server: DnsServer, resolver: Resolver) -> None:
+    # RFC 7208 7.3: %{t} in exp= text is the time of the check, never one remembered
+    dns_server.add("when.example", "TXT", "v=spf1 ~all exp=why.when.example")
+    dns_server.add("why.when.example", "TXT", "checked at %{t}")
+    first = await check_spf(resolver, "192.0.2.1", "a@when.example", "x")
+    time.sleep(1.1)
+    second = await check_spf(resolver, "192.0.2.1", "a@when.example", "x")
+    assert first.result == second.result == "softfail"
+    assert first.explanation != second.explanation
+    assert int(second.explanation.rpartition(" ")[2]) <= int(time.time())
+
+
+async def test_temporary_failures_are_not_remembered(dns_server: DnsServer, resolver: Resolver) -> None:
+    dns_server.fail("flaky.example", "servfail")
+    assert (await check_spf(resolver, "192.0.2.1", "a@flaky.example", "x")).result == "temperror"
+    dns_server.clear()
+    dns_server.add("flaky.example", "TXT", "v=spf1 ip4:192.0.2.1 -all")
+    assert (await check_spf(resolver, "192.0.2.1", "a@flaky.example", "x")).result == "pass"
+
+
+async def test_without_a_dns_cache_every_check_asks_the_dns(dns_server: DnsServer) -> None:
+    uncached = Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6, cache_entries=0)
+    dns_server.add("nocache.example", "TXT", "v=spf1 ip4:192.0.2.1 -all")
+    for _ in range(2):
+        assert (await check_spf(uncached, "192.0.2.1", "a@nocache.example", "x")).result == "pass"
+    assert _asked(dns_server, "nocache.example") == 2
+
+
+async def test_answers_say_until_when_they_stand(dns_server: DnsServer, resolver: Resolver) -> None:
+    dns_server.add("ttl.example", "TXT", "hello", ttl=120)
+    before = time.time()
+    records, until = resolver.sync_lookup_valid_until("ttl.example", "TXT")
+    assert [b"".join(r.strings) for r in records] == [b"hello"]
+    assert before + 119 <= until <= time.time() + 120
+    assert resolver.sync_lookup_valid_until("ttl.example", "TXT")[1] == until  # cached: the same end
+    missing, until_missing = resolver.sync_lookup_valid_until("nx.ttl.example", "TXT")
+    assert missing == [] and until_missing > before  # the negative answer is cached too
+    assert resolver.sync_lookup_valid_until("x" * 64 + ".example", "TXT") == ([], float("inf"))
+
+
+async def test_cached_missing_answers_keep_nxdomain_and_nodata_apart(dns_server: DnsServer,
+                                                                    resolver: Resolver) -> None:
+    dns_server.add("a.b.example", "A", "192.0.2.1")
+    dns_server.add("a.b.example", "TXT", "there")
+    for _ in range(2):  # the second round comes from the cache
+        with pytest.raises(DnsNotFound) as nodata:
+            await resolver.lookup("b.example", "TXT", missing_ok=False)
+        assert not nodata.value.nxdomain
+        with pytest.raises(DnsNotFound) as nx:
+            await resolver.lookup("c.b.example", "A", missing_ok=False)
+        assert nx.value.nxdomain
+        assert await resolver.txt("a.b.example") == ["there"]
+        assert await resolver.a("c.b.example") == []
+    assert len(dns_server.queries) == 3
