@@ -6,7 +6,8 @@ mailbox publishes after the delivery committed), with and without PIPELINING.
 Two latencies are reported per mode: under the full load (N connections sending as fast as
 they can: when ingest accepts faster than the mailbox delivers, this is mostly time spent
 queued in INBOUND), and unloaded (one connection, one message at a time, the next sent once
-the previous one is visible: the latency of the path itself).
+the previous one is visible: the latency of the path itself). `--rate R` offers R messages/s
+in total instead of the full load: the latency an operator sees below capacity.
 
 nats-server, `python -m svc_mailbox` and `python -m svc_ingest` run as separate processes on
 loopback; a dnslib server answers the SPF/DKIM/DMARC lookups. The client is asyncio: N
@@ -149,17 +150,22 @@ def spawn(module: str, settings: Settings, logs: Path, suffix: str = "") -> subp
 
 
 async def run_load(port: int, run: str, rcpts: list[str], n: int, connections: int,
-                   pipelining: bool) -> tuple[float, dict[int, float], dict[int, int]]:
-    """Sends n messages over `connections` connections; (elapsed s, index -> 250 time, codes)."""
+                   pipelining: bool, rate: float = 0.0) -> tuple[float, dict[int, float], dict[int, int]]:
+    """Sends n messages over `connections` connections, as fast as they go or, with `rate`,
+    message i not before i / rate seconds from the start (an offered load below capacity);
+    (elapsed s, index -> 250 time, codes)."""
     acked: dict[int, float] = {}
     codes: dict[int, int] = {}
     data = {i: make_message(run, i, rcpts[i % len(rcpts)]) for i in range(n)}
     todo = iter(range(n))
+    t0 = time.monotonic()
 
     async def conn(k: int) -> None:
         c = await SmtpClient.connect(port)
         try:
             for i in todo:
+                if rate > 0:
+                    await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
                 code = await c.send("sender@bench.test", rcpts[i % len(rcpts)], data[i], pipelining)
                 codes[i] = code
                 if code == 250:
@@ -167,7 +173,6 @@ async def run_load(port: int, run: str, rcpts: list[str], n: int, connections: i
         finally:
             await c.close()
 
-    t0 = time.monotonic()
     await asyncio.gather(*(conn(k) for k in range(connections)))
     return time.monotonic() - t0, acked, codes
 
@@ -234,6 +239,9 @@ async def main() -> None:
     ap.add_argument("--ingest-workers", type=int, default=1, help="svc_ingest processes sharing the SMTP port")
     ap.add_argument("--premade-blob-dirs", action="store_true",
                     help="create the blob store's 65,536 ab/cd directories first, as in a store in use for a while")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="R",
+                    help="offer R messages/s in total instead of sending as fast as possible: the latency "
+                         "under a load below capacity (0: as fast as possible)")
     ap.add_argument("--profile", metavar="DIR", help="run the services under cProfile, writing DIR/<module>.prof")
     ap.add_argument("--train", type=int, default=1000, metavar="N",
                     help="train the spam model on N spam + N ham of ../shared/corpus/spam first, so the filter "
@@ -307,7 +315,7 @@ async def main() -> None:
             cpu_before = cpu_snapshot(pids)
             seen_before = len(visible)
             elapsed, acked, codes = await run_load(settings.smtp_port, run, rcpts, args.messages,
-                                                   args.connections, pipelining)
+                                                   args.connections, pipelining, args.rate)
             # CPU is sampled once every accepted message is visible (by its event, without polling
             # the mailbox, whose listing would add to its CPU)
             deadline = time.monotonic() + 300
@@ -362,6 +370,7 @@ async def main() -> None:
         print(json.dumps({"message_bytes": MESSAGE_BYTES, "connections": args.connections,
                           "blob_store": "all ab/cd directories made beforehand" if args.premade_blob_dirs
                           else "fresh: most puts create their ab/cd directory",
+                          "offered_per_s": args.rate or "as fast as accepted",
                           "ingest_workers": args.ingest_workers, "spam_model_trained_on": trained,
                           "cores": os.cpu_count(), "runs": results}, indent=2))
     finally:
