@@ -5,16 +5,23 @@ to expire).
 Generation uses the `cryptography` package, or the `openssl` command when it is not installed.
 Opportunistic STARTTLS between MTAs does not verify certificates (RFC 3207 4.1, RFC 7435), so a
 self-signed one protects against passive eavesdropping out of the box.
+
+Several processes share the data dir and may start at once (svc_send, svc_ingest's workers):
+generating and loading the pair happen under an exclusive lock on `tls/.lock`, so no process
+loads a certificate beside another process's key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import logging
 import os
 import shutil
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from mailmesh_common.config import Settings
@@ -112,9 +119,25 @@ def _expires_soon(cert_file: Path) -> bool:
     return remaining < RENEW_BEFORE_DAYS * 86400
 
 
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Holds the exclusive lock of the generated pair in directory (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a generation at most: seconds
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     """The generated certificate and key under directory, made (or renewed) when needed."""
-    directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory):
+        return _ensure_self_signed(directory, hostname)
+
+
+def _ensure_self_signed(directory: Path, hostname: str) -> tuple[Path, Path]:
     cert_file, key_file = directory / CERT_NAME, directory / KEY_NAME
     if cert_file.exists() and key_file.exists() and not _expires_soon(cert_file):
         return cert_file, key_file
@@ -130,16 +153,21 @@ def server_context(settings: Settings, hostname: str) -> ssl.SSLContext:
     """The SSLContext for STARTTLS: TLS 1.2+, no client certificates asked for."""
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
         raise ConfigError("tls_cert_file and tls_key_file must be set together")
-    if settings.tls_cert_file:
-        cert_file, key_file = Path(settings.tls_cert_file), Path(settings.tls_key_file)
-    else:
-        cert_file, key_file = ensure_self_signed(settings.data_dir / "tls", hostname)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if settings.tls_cert_file:
+        _load(ctx, Path(settings.tls_cert_file), Path(settings.tls_key_file))
+    else:
+        directory = settings.data_dir / "tls"
+        with _locked(directory):  # no other process renews the pair while it is read
+            _load(ctx, *_ensure_self_signed(directory, hostname))
+    return ctx
+
+
+def _load(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"tls_cert_file/tls_key_file: cannot load the certificate: {exc}") from exc
-    return ctx

@@ -3,6 +3,7 @@ self-signed one is kept in the data dir and reused until it nears expiry."""
 
 from __future__ import annotations
 
+import multiprocessing
 import ssl
 from pathlib import Path
 
@@ -38,3 +39,24 @@ def test_generated_certificate_is_reused_until_it_nears_expiry(tmp_path: Path) -
     cert.write_bytes(b"garbage")  # unreadable: replaced
     tls.ensure_self_signed(tmp_path, "mx.one.test")
     assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----") and cert.read_bytes() != first
+
+
+def _start_worker(data_dir: str) -> str:
+    """What each svc_ingest worker does at start (in its own process): '' or the error."""
+    try:
+        tls.server_context(load_settings(env={}, data_dir=data_dir), "mx.race.test")
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def test_workers_starting_at_once_share_one_matching_pair(tmp_path: Path) -> None:
+    """Several processes starting on a fresh data dir (mailmesh up's ingest workers) each load
+    a certificate with its own key: one generates, the others wait and reuse it."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        errors = pool.map(_start_worker, [str(tmp_path)] * 8)
+    assert errors == [""] * 8
+    cert = (tmp_path / "tls" / tls.CERT_NAME).read_bytes()
+    tls.server_context(load_settings(env={}, data_dir=str(tmp_path)), "mx.race.test")  # the pair matches
+    assert (tmp_path / "tls" / tls.CERT_NAME).read_bytes() == cert  # reused, not made again
