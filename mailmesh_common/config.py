@@ -73,7 +73,9 @@ class Settings:
     trace_file: str = ""
     # svc_ingest
     smtp_hostname: str = ""  # name in the greeting, EHLO and Received; default: this host's name
-    ingest_workers: int = 1  # svc_ingest processes `mailmesh up` runs, sharing the SMTP and gRPC ports (SO_REUSEPORT)
+    # svc_ingest processes `mailmesh up` runs, sharing the SMTP and gRPC ports (SO_REUSEPORT);
+    # 0: one per core, at most MAX_AUTO_INGEST_WORKERS (ingest is CPU-bound)
+    ingest_workers: int = 0
     tls_cert_file: str = ""  # PEM certificate (chain) for STARTTLS; default: self-signed, generated
     tls_key_file: str = ""  # PEM private key for tls_cert_file
     max_recipients: int = 100  # RCPT TO per message; more get 452 4.5.3
@@ -252,6 +254,17 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
     return Settings(**values)
 
 
+MAX_AUTO_INGEST_WORKERS = 8
+
+
+def ingest_processes(settings: Settings) -> int:
+    """How many svc_ingest processes `mailmesh up` runs: ingest_workers, or with 0 one per core
+    (at most MAX_AUTO_INGEST_WORKERS)."""
+    if settings.ingest_workers > 0:
+        return settings.ingest_workers
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_INGEST_WORKERS))
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces `settings` in a child process."""
     out: dict[str, str] = {}
@@ -263,4 +276,4 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return out
 
 
-__all__ = ["Settings", "load_settings", "settings_env", "ConfigError"]
+__all__ = ["ConfigError", "Settings", "ingest_processes", "load_settings", "settings_env"]

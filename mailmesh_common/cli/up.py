@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from mailmesh_common import streams
 from mailmesh_common.cli.status import NATS, SERVING, grpc_health, service_key
-from mailmesh_common.config import ENV_PREFIX, Settings, load_settings, settings_env
+from mailmesh_common.config import ENV_PREFIX, Settings, ingest_processes, load_settings, settings_env
 from mailmesh_common.natsserver import (
     NatsServer,
     NatsServerNotFound,
@@ -244,14 +244,16 @@ class Supervisor:
     def build(self) -> None:
         env = dict(os.environ)
         env.pop(ENV_PREFIX + "CONFIG", None)  # the settings below are complete
-        env.update(settings_env(self.settings))
+        # the number of ingest workers resolved here, so each worker knows it shares its ports
+        ingest_workers = ingest_processes(self.settings)
+        env.update(settings_env(dataclasses.replace(self.settings, ingest_workers=ingest_workers)))
         env["PYTHONUNBUFFERED"] = "1"
         # cwd is the data dir: `python -m svc_x` imports the installed package, never whatever
         # checkout the command was started from
         self.components = [Component(NATS, self.nats.argv(), self.logs_dir / "nats.log", cwd=self.data_dir)]
         for name in SERVICES:
             # svc_ingest may run as several processes sharing its ports (ingest_workers, SO_REUSEPORT)
-            workers = max(1, self.settings.ingest_workers) if name == "svc_ingest" else 1
+            workers = ingest_workers if name == "svc_ingest" else 1
             for k in range(workers):
                 label = name if k == 0 else f"{name}-{k + 1}"
                 self.components.append(Component(

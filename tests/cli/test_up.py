@@ -91,6 +91,21 @@ def test_status_lists_every_component_of_a_running_mesh(mailmesh_up: MeshProcess
     assert sorted(names) == sorted([*SERVICE_PORT_VARS, "nats"])
 
 
+def test_ingest_runs_one_worker_per_core_by_default(mailmesh_up: MeshProcess) -> None:
+    """MAILMESH_INGEST_WORKERS unset: one svc_ingest process per core (at most 8), all alive,
+    sharing the SMTP port that takes mail."""
+    expected = max(1, min(os.cpu_count() or 1, 8))
+    pids = mailmesh_up.pids()
+    ingest = sorted(name for name in pids if name.startswith("svc_ingest"))
+    assert ingest == ["svc_ingest", *(f"svc_ingest-{k}" for k in range(2, expected + 1))]
+    for name in ingest:
+        pid = pids[name]
+        assert pid is not None
+        os.kill(pid, 0)  # alive
+    with socket.create_connection(("127.0.0.1", mailmesh_up.port("MAILMESH_SMTP_PORT")), timeout=10) as s:
+        assert s.recv(512).startswith(b"220 ")
+
+
 def test_a_killed_service_is_restarted_and_serves_again(mailmesh_up: MeshProcess) -> None:
     old = mailmesh_up.pids()["svc_search"]
     assert old
@@ -142,7 +157,7 @@ def test_children_die_with_a_killed_supervisor(tmp_path: Path, mesh_settings: di
     try:
         m.wait_up()
         children = [pid for name, pid in m.pids().items() if name != "supervisor" and pid]
-        assert len(children) == 6
+        assert len(children) == 5 + max(1, min(os.cpu_count() or 1, 8))  # nats, 4 services, ingest workers
         m.proc.kill()
         m.proc.wait(5)
         wait_until(lambda: not leftovers(str(data_dir)), 15, "children of the killed supervisor to exit")

@@ -65,6 +65,6 @@ async def test_two_workers_share_the_smtp_port(tmp_path: Path, nats: Nats, dns_s
 
 
 async def test_a_single_worker_keeps_the_smtp_port_to_itself(ingest_mesh: IngestMesh) -> None:
-    assert ingest_mesh.settings.ingest_workers == 1
+    assert ingest_mesh.settings.ingest_workers in (0, 1)  # a standalone process: one worker
     with pytest.raises(PortInUse):
         await second_worker(ingest_mesh)
