@@ -65,7 +65,6 @@ from mailmesh_common.kv import (
     set_chunked,
 )
 from mailmesh_common.kv.sqlite import SqliteDatabase
-from mailmesh_common.telemetry import tracer
 from svc_ingest.spam.bytemodel import ByteModel, Snapshot
 from svc_ingest.spam.tokenizer import GROUPS, token_group
 
@@ -373,31 +372,6 @@ class BayesModel:
         scope = self._scope(user_id)
         return await self.db.run(lambda tr: self._read_counts(tr, scope), readonly=True)
 
-    async def _global_counts(self) -> Counts:
-        """`counts()` of the global model through the replica's cache (see TOKEN_CACHE_TTL_S)."""
-        now = time.monotonic()
-        cached = self._cache.totals
-        if cached is not None and now - cached[0] < self._cache.ttl_s:
-            return cached[1]
-        generation = self._cache.generation
-        value = await self.counts()
-        # an untrained model is not cached: the first training anywhere takes effect at once
-        trained = value.spam >= self.min_trained and value.ham >= self.min_trained
-        if trained and generation == self._cache.generation:
-            self._cache.totals = (now, value)
-        return value
-
-    async def _global_token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
-        """`token_counts()` of the global model, reading only what the cache lacks."""
-        now = time.monotonic()
-        hits, missing = self._cache.lookup(tokens, now)
-        if missing:
-            generation = self._cache.generation
-            found = await self.token_counts(missing)
-            self._cache.store(missing, found, now, generation)
-            hits.update(found)
-        return hits
-
     @staticmethod
     def _read_tokens(tr: Transaction, scope: _Scope,
                      tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -475,9 +449,8 @@ class BayesModel:
         comb_cached = self._combiner
         comb_fresh = comb_cached is not None and now - comb_cached[0] < COMBINER_TTL_S
         bm = self.bytes
-        snap_cached = bm._snapshot
-        snap_fresh = snap_cached is not None and now - snap_cached[0] < bm.ttl_s
-        byte_generation = bm._generation
+        snap_fresh = bm.fresh(now)
+        byte_generation = bm.generation
         hits, missing = cache.lookup(tokens, now)
         inline_tokens = len(missing) <= self.read_chunk
         inline_user = len(tokens) <= self.read_chunk
@@ -490,15 +463,13 @@ class BayesModel:
 
         need_read = (glob_cached is None or not comb_fresh or bool(user_id)
                      or (missing and inline_tokens)
-                     or (comb_cached is not None and comb_cached[1] is not None and not snap_fresh))
+                     or (comb_cached is not None and comb_cached[1] is not None and snap_fresh is None))
         reads = _Reads()
         if need_read:
             reads = await self.db.run(
                 lambda tr: self._read_for_score(
                     tr, reads=_Reads(), glob=glob_cached, combiner=comb_cached[1] if comb_fresh
-                    and comb_cached is not None else _UNREAD, snapshot=snap_cached[1]
-                    if snap_fresh and snap_cached is not None else None,
-                    stale_snapshot=snap_cached[1] if snap_cached is not None else None,
+                    and comb_cached is not None else _UNREAD, snapshot=snap_fresh,
                     missing=missing if inline_tokens else None, user_id=user_id,
                     user_tokens=tokens if inline_user else None,
                     buckets=message_buckets if buckets is not None else None),
@@ -522,11 +493,10 @@ class BayesModel:
         if combiner is not None:
             if reads.snapshot is not None:
                 snapshot = reads.snapshot
-                if byte_generation == bm._generation:
-                    bm._snapshot = (time.monotonic(), snapshot)
+                bm.keep(snapshot, byte_generation)
             else:
-                assert snap_cached is not None
-                snapshot = snap_cached[1]
+                assert snap_fresh is not None
+                snapshot = snap_fresh
         if missing:
             if reads.tokens is not None:
                 found = reads.tokens
@@ -558,8 +528,7 @@ class BayesModel:
                            tuple((g, *parts[g]) for g in GROUPS), combiner, snapshot, byte_logit)
 
     def _read_for_score(self, tr: Transaction, *, reads: _Reads, glob: Counts | None,
-                        combiner: object, snapshot: Snapshot | None,
-                        stale_snapshot: Snapshot | None, missing: Sequence[str] | None,
+                        combiner: object, snapshot: Snapshot | None, missing: Sequence[str] | None,
                         user_id: str, user_tokens: Sequence[str] | None,
                         buckets: Callable[[], Sequence[int]] | None) -> _Reads:
         """score()'s reads, in one transaction: only what the caller lacks (glob None, combiner
@@ -571,13 +540,7 @@ class BayesModel:
         if combiner is _UNREAD:
             combiner = reads.combiner = tr.get(self._combiner_key)
         if combiner is not None and snapshot is None:
-            version = decode_counter(tr.get(self.bytes._version_key))
-            if stale_snapshot is not None and stale_snapshot.version == version:
-                snapshot = reads.snapshot = stale_snapshot
-            else:
-                with tracer(__name__).start_as_current_span("spam.byte_model.reload") as span:
-                    snapshot = reads.snapshot = self.bytes._read_all(tr)
-                    span.set_attribute("mailmesh.spam.byte_model.version", snapshot.version)
+            reads.snapshot = self.bytes.read_snapshot(tr)
         if missing:
             reads.tokens = self._read_tokens(tr, self._global, missing)
         if user_id:

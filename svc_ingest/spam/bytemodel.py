@@ -211,30 +211,44 @@ class ByteModel:
     async def snapshot(self) -> Snapshot:
         """The global weights this replica scores with: re-read when ttl_s (SNAPSHOT_TTL_S)
         passed and the stored version changed."""
-        now = time.monotonic()
-        cached = self._snapshot
-        if cached is not None and now - cached[0] < self.ttl_s:
-            return cached[1]
+        fresh = self.fresh(time.monotonic())
+        if fresh is not None:
+            return fresh
         async with self._lock:
-            cached = self._snapshot
-            if cached is not None and time.monotonic() - cached[0] < self.ttl_s:
-                return cached[1]
-            generation = self._generation
-            key = self._version_key
-            version = decode_counter(await self.db.run(lambda tr: tr.get(key), readonly=True))
-            if cached is not None and cached[1].version == version:
-                snap = cached[1]
-            else:
-                with tracer(__name__).start_as_current_span("spam.byte_model.reload") as span:
-                    snap = await self.db.run(self._read_all, readonly=True)
-                    span.set_attribute("mailmesh.spam.byte_model.version", snap.version)
-            if generation == self._generation:
-                self._snapshot = (time.monotonic(), snap)
+            fresh = self.fresh(time.monotonic())
+            if fresh is not None:
+                return fresh
+            generation = self.generation
+            snap = await self.db.run(self.read_snapshot, readonly=True)
+            self.keep(snap, generation)
             return snap
 
-    def cached(self) -> Snapshot | None:
-        """The snapshot this replica last read, however old (None before the first read)."""
-        return self._snapshot[1] if self._snapshot is not None else None
+    def fresh(self, now: float) -> Snapshot | None:
+        """The cached snapshot while it was checked less than ttl_s ago, else None."""
+        cached = self._snapshot
+        return cached[1] if cached is not None and now - cached[0] < self.ttl_s else None
+
+    @property
+    def generation(self) -> int:
+        """Bumped by this replica's own writes: a snapshot read before one is not kept."""
+        return self._generation
+
+    def read_snapshot(self, tr: Transaction) -> Snapshot:
+        """The stored weights inside the caller's transaction: the cached snapshot while the
+        stored version is still its version, else every page read again."""
+        version = decode_counter(tr.get(self._version_key))
+        cached = self._snapshot
+        if cached is not None and cached[1].version == version:
+            return cached[1]
+        with tracer(__name__).start_as_current_span("spam.byte_model.reload") as span:
+            snap = self._read_all(tr)
+            span.set_attribute("mailmesh.spam.byte_model.version", snap.version)
+        return snap
+
+    def keep(self, snap: Snapshot, generation: int) -> None:
+        """Caches a snapshot read at `generation` (unless this replica wrote since)."""
+        if generation == self._generation:
+            self._snapshot = (time.monotonic(), snap)
 
     async def user_logit(self, user_id: str, buckets: Sequence[int]) -> float:
         """The sum of a user's adjustments over these buckets (0.0 when they have none)."""
