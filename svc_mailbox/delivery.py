@@ -230,7 +230,7 @@ class InboundConsumer:
                 await _settle(raw.term())
                 continue
             span.set_attribute("mailmesh.ingest_id", payload.ingest_id)
-            jobs.append(_Job(raw, payload, span, _traceparent(span)))
+            jobs.append(_Job(raw, payload, span, telemetry.traceparent(span)))
         if not jobs:
             if after is not None:
                 await asyncio.wait([after])
@@ -351,15 +351,6 @@ class InboundConsumer:
                 await sub.unsubscribe()
             except Exception:
                 pass
-
-
-def _traceparent(span: Span) -> str:
-    """The W3C traceparent of `span` (what `telemetry.inject_headers` writes inside it, without
-    making it current): the trace its deliveries' changes continue."""
-    sc = span.get_span_context()
-    if not sc.is_valid:
-        return ""
-    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
 async def _finished(task: asyncio.Task[None]) -> None:

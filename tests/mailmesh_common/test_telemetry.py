@@ -1,4 +1,5 @@
-"""telemetry.tracer: one tracer per name, made once, recording through the installed provider."""
+"""telemetry.tracer: one tracer per name, made once, recording through the installed provider;
+telemetry.traceparent: the W3C header of a span that is not current."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def test_a_tracer_is_made_once_and_records_through_the_provider_installed_later(
         assert scope is not None and scope.name == "tests.telemetry.early"
     finally:
         exporter.shutdown()
+
+
+def test_traceparent_of_a_span_is_what_inject_headers_writes_inside_it() -> None:
+    telemetry.setup_telemetry("tests")
+    with telemetry.tracer("tests.telemetry.tp").start_as_current_span("producer") as span:
+        assert telemetry.traceparent(span) == telemetry.inject_headers()["traceparent"]
+    with telemetry.tracer("tests.telemetry.tp").start_as_current_span("outer"):
+        inner = telemetry.tracer("tests.telemetry.tp").start_span("not current")
+        assert telemetry.traceparent(inner) != telemetry.inject_headers()["traceparent"]
+        assert telemetry.traceparent(inner).split("-")[2] == f"{inner.get_span_context().span_id:016x}"
+        inner.end()
