@@ -170,16 +170,7 @@ class Resolver:
 
     def sync_lookup(self, name: str, rdtype: RdType, *, missing_ok: bool = True) -> list[Any]:
         """`lookup` for synchronous callers in a worker thread (never on the event loop)."""
-        qname = _qname(name)
-        if qname is None:
-            return self._missing(name, rdtype, True, missing_ok)
-        try:
-            answer = self._sync.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
-        except dns.exception.DNSException as exc:
-            return self._failed(name, rdtype, exc, missing_ok)
-        if answer.rrset is None:
-            return self._missing(name, rdtype, False, missing_ok)
-        return list(answer.rrset)
+        return self._sync_lookup(name, rdtype, missing_ok)[0]
 
     def sync_lookup_valid_until(self, name: str, rdtype: RdType) -> tuple[list[Any], float]:
         """`sync_lookup` (absent: []) and the time (time.time()) until which that answer stands:
@@ -187,20 +178,26 @@ class Resolver:
         out of the shared cache. 0.0 when that is not known (no cache, a CNAME loop); inf for a
         name that cannot exist in the DNS. For callers that keep results derived from answers
         (SPF verdicts) no longer than the answers themselves."""
+        return self._sync_lookup(name, rdtype, True)
+
+    def _sync_lookup(self, name: str, rdtype: RdType, missing_ok: bool) -> tuple[list[Any], float]:
         qname = _qname(name)
         if qname is None:
-            return [], math.inf
-        if self.cache is None:
-            return self.sync_lookup(name, rdtype), 0.0
+            return self._missing(name, rdtype, True, missing_ok), math.inf
+        cache = self.cache
         try:
             answer = self._sync.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            # dnspython caches a name that does not exist under its ANY type, whatever was asked
-            cached = self.cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
-            return self._failed(name, rdtype, exc, True), float(cached.expiration) if cached is not None else 0.0
         except dns.exception.DNSException as exc:
-            return self._failed(name, rdtype, exc, True), 0.0
-        return ([] if answer.rrset is None else list(answer.rrset)), float(answer.expiration)
+            until = 0.0
+            if isinstance(exc, dns.resolver.NXDOMAIN) and cache is not None:
+                # dnspython caches a name that does not exist under its ANY type, whatever was asked
+                cached = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+                until = float(cached.expiration) if cached is not None else 0.0
+            return self._failed(name, rdtype, exc, missing_ok), until
+        until = float(answer.expiration) if cache is not None else 0.0
+        if answer.rrset is None:
+            return self._missing(name, rdtype, False, missing_ok), until
+        return list(answer.rrset), until
 
     @staticmethod
     def _missing(name: str, rdtype: RdType, nxdomain: bool, missing_ok: bool) -> list[Any]:

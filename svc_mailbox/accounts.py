@@ -112,12 +112,21 @@ def create_account(tr: Transaction, req: pb.CreateAccountRequest, user_id: str, 
     return acct
 
 
-def load_account(tr: Transaction, user_id: str) -> types_pb2.Account:
+def _stored_account(tr: Transaction, user_id: str) -> types_pb2.Account:
+    """The account record as stored (no counters); NotFound once deleted or being deleted."""
     raw = tr.get(keys.u(user_id, "acct"))
     if raw is None or tr.get(keys.u(user_id, "deleting")) is not None:
         raise NotFound("no such user")
-    acct = types_pb2.Account.FromString(raw)
-    acct.used_bytes = decode_counter(tr.get(keys.u(user_id, "ctr", "used")))
+    return types_pb2.Account.FromString(raw)
+
+
+def _used_bytes(tr: Transaction, user_id: str) -> int:
+    return decode_counter(tr.get(keys.u(user_id, "ctr", "used")))
+
+
+def load_account(tr: Transaction, user_id: str) -> types_pb2.Account:
+    acct = _stored_account(tr, user_id)
+    acct.used_bytes = _used_bytes(tr, user_id)
     acct.messages_total = decode_counter(tr.get(keys.u(user_id, "ctr", "total")))
     acct.highest_modseq = decode_counter(tr.get(keys.u(user_id, "ctr", "modseq")))
     return acct
@@ -161,13 +170,10 @@ def resolve_recipient(tr: Transaction, addr: str, size: int) -> pb.ResolveRecipi
     if user is None:
         return pb.ResolveRecipientResponse(
             resolution=pb.RECIPIENT_RESOLUTION_UNKNOWN_USER, canonical_address=canon)
-    # the account's quota and usage (what load_account reads, without the counters not needed here)
-    raw = tr.get(keys.u(user, "acct"))
-    if raw is None or tr.get(keys.u(user, "deleting")) is not None:
-        raise NotFound("no such user")
-    quota = types_pb2.Account.FromString(raw).quota_bytes
+    # only the quota and its usage: not every counter load_account reads
+    quota = _stored_account(tr, user).quota_bytes
     # an unknown size (0) still needs a byte: a mailbox filled to its quota takes nothing more
-    if quota and decode_counter(tr.get(keys.u(user, "ctr", "used"))) + max(size, 1) > quota:
+    if quota and _used_bytes(tr, user) + max(size, 1) > quota:
         return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_OVER_QUOTA,
                                            user_id=user, canonical_address=canon)
     return pb.ResolveRecipientResponse(resolution=pb.RECIPIENT_RESOLUTION_LOCAL_USER,
