@@ -49,44 +49,21 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import fdb.tuple
-
 from mailmesh_common.kv import Subspace
+from mailmesh_common.kv.subspace import pack_tuple
 
 ROOT = Subspace(("mm",))
 ALL = "ALL"  # the implicit "All Mail" label: every message not in SPAM or TRASH
 _ROOT_KEY = ROOT.key
-_INT_LIMIT = 1 << 63
-
-
-def _pack(t: tuple[Any, ...]) -> bytes:
-    """fdb.tuple.pack, with a fast path for the str and int elements every key here uses
-    (byte-identical to the FoundationDB tuple layer; anything else goes to fdb.tuple)."""
-    out = []
-    for v in t:
-        if type(v) is str:
-            out.append(b"\x02" + v.encode().replace(b"\x00", b"\x00\xff") + b"\x00")
-        elif type(v) is int and -_INT_LIMIT < v < _INT_LIMIT:
-            if v == 0:
-                out.append(b"\x14")
-            elif v > 0:
-                n = (v.bit_length() + 7) // 8
-                out.append(bytes((0x14 + n,)) + v.to_bytes(n, "big"))
-            else:
-                n = ((-v).bit_length() + 7) // 8
-                out.append(bytes((0x14 - n,)) + (v + (1 << (8 * n)) - 1).to_bytes(n, "big"))
-        else:
-            out.append(fdb.tuple.pack((v,)))
-    return b"".join(out)
 
 
 @functools.lru_cache(maxsize=4096)
 def _user_prefix(user: str) -> bytes:
-    return _ROOT_KEY + _pack(("u", user))
+    return _ROOT_KEY + pack_tuple(("u", user))
 
 
 def g(*t: Any) -> bytes:
-    return _ROOT_KEY + _pack(t)
+    return _ROOT_KEY + pack_tuple(t)
 
 
 def g_range(*t: Any) -> tuple[bytes, bytes]:
@@ -95,7 +72,7 @@ def g_range(*t: Any) -> tuple[bytes, bytes]:
 
 
 def u(user: str, *t: Any) -> bytes:
-    return _user_prefix(user) + _pack(t)
+    return _user_prefix(user) + pack_tuple(t)
 
 
 def u_range(user: str, *t: Any) -> tuple[bytes, bytes]:
@@ -103,43 +80,5 @@ def u_range(user: str, *t: Any) -> tuple[bytes, bytes]:
     return p + b"\x00", p + b"\xff"
 
 
-def _unpack(b: bytes) -> tuple[Any, ...] | None:
-    """fdb.tuple.unpack for keys of str, bytes and int elements (byte strings of any length,
-    ints of up to 8 bytes); None for anything else, which the caller leaves to fdb.tuple."""
-    out: list[Any] = []
-    pos, n = 0, len(b)
-    while pos < n:
-        code = b[pos]
-        if code == 0x02 or code == 0x01:
-            end = b.find(b"\x00", pos + 1)
-            while 0 <= end < n - 1 and b[end + 1] == 0xFF:  # an escaped NUL inside the string
-                end = b.find(b"\x00", end + 2)
-            if end < 0:
-                return None
-            raw = b[pos + 1:end]
-            if b"\x00\xff" in raw:
-                raw = raw.replace(b"\x00\xff", b"\x00")
-            out.append(raw.decode() if code == 0x02 else raw)
-            pos = end + 1
-        elif 0x0C <= code <= 0x1C:
-            size = code - 0x14
-            if size >= 0:
-                out.append(int.from_bytes(b[pos + 1:pos + 1 + size], "big"))
-            else:
-                size = -size
-                out.append(int.from_bytes(b[pos + 1:pos + 1 + size], "big") - (1 << (8 * size)) + 1)
-            pos += 1 + size
-            if pos > n:
-                return None
-        else:
-            return None
-    return tuple(out)
-
-
 def unpack(key: bytes) -> tuple[Any, ...]:
-    """The tuple of a key under ROOT (fast path for the str and int elements of our keys)."""
-    if key.startswith(_ROOT_KEY):
-        fast = _unpack(key[len(_ROOT_KEY):])
-        if fast is not None:
-            return fast
     return ROOT.unpack(key)

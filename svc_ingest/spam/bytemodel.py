@@ -53,6 +53,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 
 from mailmesh_common.kv import Database, Subspace, Transaction, TransactionTimedOut, decode_counter
+from mailmesh_common.kv.subspace import pack_tuple
 from mailmesh_common.telemetry import tracer
 
 __all__ = ["BUCKETS", "EPOCHS", "PREFIX_BYTES", "RATE", "ByteModel", "Snapshot", "grams", "logit_of",
@@ -88,15 +89,6 @@ def grams(raw: bytes) -> list[int]:
         if n > 0:
             windows.update(struct.unpack_from(f">{n}I", head, offset))
     return list({(w * _HASH & _MASK32) >> _SHIFT for w in windows})
-
-
-def _int_element(n: int) -> bytes:
-    """fdb.tuple encoding of one non-negative int element (type code 0x14 + its byte count,
-    then big-endian bytes): what Subspace.pack produces for a bucket, without its per-call cost."""
-    if n == 0:
-        return b"\x14"
-    size = (n.bit_length() + 7) // 8
-    return bytes((0x14 + size,)) + n.to_bytes(size, "big")
 
 
 def _sigmoid(z: float) -> float:
@@ -263,7 +255,7 @@ class ByteModel:
             return 0.0
         prefix = self.space.pack(("u", user_id, "x"))
         get = tr.get
-        return sum(decode_counter(get(prefix + _int_element(b))) for b in buckets()) / SCALE
+        return sum(decode_counter(get(prefix + pack_tuple((b,)))) for b in buckets()) / SCALE
 
     # --- writing -----------------------------------------------------------------------------
 
