@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailmesh_common.errors import ConfigError
+from mailmesh_common import address
+from mailmesh_common.errors import ConfigError, InvalidInput
 
 ENV_PREFIX = "MAILMESH_"
 
@@ -88,6 +89,9 @@ class Settings:
     clamd_timeout_s: float = 30.0
     spam_threshold: float = 5.0  # spam score at or over which mail goes to SPAM
     authserv_id: str = ""  # Authentication-Results authserv-id; default: smtp_hostname
+    # the account that receives mail for postmaster@ and abuse@ of every local domain where no
+    # account or alias has that address (RFC 5321 4.5.1, RFC 2142), and for a bare <postmaster>
+    postmaster: str = ""
     # svc_send
     undo_send_s: float = 10.0  # hold before delivery starts; CancelSend works inside it
     sends_per_day: int = 500  # messages one user may send per UTC day; more: RESOURCE_EXHAUSTED
@@ -251,6 +255,12 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
     values["log_level"] = level
     if values.get("log_format", "json") not in ("json", "text"):
         raise ConfigError(f"log_format: expected json or text, got {values['log_format']!r}")
+    postmaster = str(values.get("postmaster", "")).strip()
+    if postmaster:
+        try:
+            values["postmaster"] = address.canonical(postmaster)
+        except InvalidInput as exc:
+            raise ConfigError(f"postmaster: {exc.message}") from None
     return Settings(**values)
 
 

@@ -375,6 +375,12 @@ class MxHandler:
                           rcpt_options: list[str]) -> str:
         if envelope.rcpt_count >= self.settings.max_recipients:
             return replies.TOO_MANY_RECIPIENTS.line()
+        if address.lower() == "postmaster":
+            # RFC 5321 4.1.1.3: <Postmaster> without a domain is valid and MUST be accepted; it
+            # is the postmaster of the domain the `postmaster` setting's account is in
+            if not self.settings.postmaster:
+                return replies.NO_SUCH_USER.line()
+            address = "postmaster@" + self.settings.postmaster.rpartition("@")[2]
         if not _address_ok(address, envelope.smtp_utf8, null_ok=False):
             return _address_reply(address, replies.BAD_RECIPIENT_SYNTAX)
         check = await self.listener.recipients.check(address, envelope.declared_size)

@@ -247,7 +247,8 @@ class Mailbox:
     async def resolve_recipient(self, addr: str, size: int) -> pb.ResolveRecipientResponse:
         if not addr or len(addr) > 512:
             raise InvalidInput("address must be 1..512 characters")
-        return await self.db.run(lambda tr: accounts.resolve_recipient(tr, addr, size), readonly=True)
+        return await self.db.run(lambda tr: accounts.resolve_recipient(tr, addr, size, self.settings.postmaster),
+                                 readonly=True)
 
     # --- adding mail ---------------------------------------------------------------------------
     async def deliver(self, user: str, ingest_id: str, blob_ref: str, target: int, spam_score: float,
@@ -276,7 +277,7 @@ class Mailbox:
                     out[a] = "address must be 1..512 characters"
                     continue
                 try:
-                    out[a] = accounts.resolve_recipient(tr, a, 0)
+                    out[a] = accounts.resolve_recipient(tr, a, 0, self.settings.postmaster)
                 except InvalidInput as exc:
                     out[a] = exc.message
             return out

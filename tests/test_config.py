@@ -97,6 +97,12 @@ def test_bad_log_level_and_format_are_named() -> None:
         load_settings(env={"MAILMESH_LOG_FORMAT": "xml"})
 
 
+def test_postmaster_is_a_valid_address_kept_in_canonical_form() -> None:
+    assert load_settings(env={"MAILMESH_POSTMASTER": " Admin@Example.COM "}).postmaster == "admin@example.com"
+    with pytest.raises(ConfigError, match="^postmaster: "):
+        load_settings(env={"MAILMESH_POSTMASTER": "not an address"})
+
+
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "nope.toml", env={})

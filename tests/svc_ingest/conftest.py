@@ -255,7 +255,9 @@ def ingest_settings(data_dir: Path, nats_url: str, mailbox_addr: str, dns: DnsSe
 
 async def start_ingest_mesh(root: Path, nats: Nats, dns: DnsServer, *, users: tuple[str, ...] = USERS,
                             **overrides: Any) -> IngestMesh:
-    mailbox = await start_mesh(root, nats.url)
+    # the settings both services read
+    shared = {k: overrides[k] for k in ("postmaster",) if k in overrides}
+    mailbox = await start_mesh(root, nats.url, **shared)
     # keep svc_mailbox's run task out of its ctx.tasks: a service that stops by itself (a dead
     # background task) must not end up awaiting itself
     mailbox_run = mailbox.ctx.tasks.pop()
