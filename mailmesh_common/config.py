@@ -84,6 +84,9 @@ class Settings:
     per_ip_max_connections: int = 20  # concurrent SMTP connections per client IP; 0 = unlimited
     per_ip_messages_per_minute: int = 120  # MAIL transactions per client IP per minute; 0 = unlimited
     smtp_timeout_s: float = 300.0  # idle time before an SMTP session is closed
+    # 4xx/5xx replies one SMTP session may get without a message accepted; past it: 421 4.7.0
+    # and the connection is closed (address probing, broken clients); 0 = unlimited
+    smtp_max_errors: int = 20
     clamd_address: str = ""  # clamd socket: a unix socket path or host:port; "" = no virus scanning
     clamd_required: bool = True  # clamd unreachable: 451 4.7.0 (true) or deliver unscanned, logged (false)
     clamd_timeout_s: float = 30.0

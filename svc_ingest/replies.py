@@ -52,6 +52,7 @@ LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 # --- connection ----------------------------------------------------------------------------------
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing the connection")
 
 
 def queued(ingest_id: str) -> Reply:

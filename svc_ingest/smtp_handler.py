@@ -41,6 +41,10 @@ _FLUSH_BYTES = 256 * 1024
 _PLAIN_PATH = re.compile(r"<([A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 # replies held back for one write (see MxSMTP.push) stay under this
 MAX_HELD_REPLY_BYTES = 16 * 1024
+# Commands that move no mail, per session (aiosmtpd answers 421 4.7.0 and closes past these);
+# RSET is not limited: clients that keep a connection open send one before every message
+JUNK_COMMAND_LIMITS = {"NOOP": 100, "VRFY": 100, "EXPN": 100, "HELP": 100, "HELO": 50, "EHLO": 50,
+                       "*": 2**62}
 
 
 class MxEnvelope(Envelope):
@@ -107,7 +111,7 @@ class MxSMTP(SMTP):
         super().__init__(handler, data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
                          hostname=listener.hostname, ident=IDENT, tls_context=listener.tls_context,
                          timeout=s.smtp_timeout_s, auth_required=False, auth_require_tls=True,
-                         loop=asyncio.get_running_loop())
+                         loop=asyncio.get_running_loop(), command_call_limit=JUNK_COMMAND_LIMITS)
         # MX: no AUTH here (submission is svc_send's); an AUTH command is unknown
         self._smtp_methods.pop("AUTH", None)
         self.command_size_limits["MAIL"] = 512 + 26 + 10  # RFC 1870 4 (SIZE), RFC 6531 3.4 (SMTPUTF8)
@@ -119,6 +123,7 @@ class MxSMTP(SMTP):
         self.rdns: asyncio.Future[str] | None = None  # the client's verified name, looked up at connect
         self._held: list[bytes] = []  # replies push() holds back (see there)
         self._held_bytes = 0
+        self.errors = 0  # 4xx/5xx replies since the session began or last accepted a message
 
     def _create_envelope(self) -> Envelope:
         return MxEnvelope()
@@ -170,6 +175,20 @@ class MxSMTP(SMTP):
             response = bytes(status, "utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
+        if response[:1] in (b"4", b"5") and response[:3] != b"421" and response[4:9] != b"4.5.3":
+            # a client making error after error (probing for addresses, looping) is cut off,
+            # like Postfix's smtpd_hard_error_limit; 452 4.5.3 is the normal way past 100
+            # recipients, not a client error
+            self.errors += 1
+            if self.errors > self.listener.settings.smtp_max_errors > 0:
+                log.info("closing the session of %s: %d errors", self.peer_ip, self.errors - 1)
+                self.session_span.set_attribute("mailmesh.smtp.too_many_errors", True)
+                response = replies.TOO_MANY_ERRORS.line().encode()
+                self._held.append(response + b"\r\n")
+                self.flush_replies()
+                if self.transport is not None:
+                    self.transport.close()
+                return
         self._held.append(response + b"\r\n")
         self._held_bytes += len(response) + 2
         if response[:3] == b"250" and self._held_bytes < MAX_HELD_REPLY_BYTES and (
@@ -420,6 +439,7 @@ class MxHandler:
                     span.set_status(Status(StatusCode.ERROR, reply.enhanced))
                 return reply.line()
             span.set_attribute("smtp.reply", 250)
+            server.errors = 0
             return replies.queued(accepted.ingest_id).line()
 
     async def handle_exception(self, error: Exception) -> str:

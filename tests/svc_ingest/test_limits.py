@@ -107,6 +107,67 @@ async def test_messages_over_the_per_minute_rate_get_451(limited: IngestMesh) ->
     assert replies[3] == (451, b"4.7.1 Too many messages from your address, try again later")
 
 
+@pytest.fixture
+async def strict(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> AsyncIterator[IngestMesh]:
+    m = await start_ingest_mesh(tmp_path, nats, dns_server, smtp_max_errors=5)
+    try:
+        yield m
+    finally:
+        await stop_ingest_mesh(m)
+
+
+def probe_session(m: IngestMesh, *commands: str) -> list[tuple[int, bytes]]:
+    """EHLO, then each command; the replies up to the server closing the connection."""
+    out = []
+    with m.smtp() as s:
+        s.ehlo()
+        for c in commands:
+            try:
+                out.append(s.docmd(c))
+            except smtplib.SMTPServerDisconnected:
+                out.append((-1, b"disconnected"))
+                break
+    return out
+
+
+async def test_a_session_past_the_error_limit_gets_421_and_is_closed(strict: IngestMesh) -> None:
+    # probing for addresses: the 6th unknown recipient ends the session
+    probes = [f"RCPT TO:<nobody{i}@example.com>" for i in range(8)]
+    replies = await in_thread(probe_session, strict, "MAIL FROM:<s@remote.test>", *probes)
+    assert replies[1:6] == [(550, b"5.1.1 No such user")] * 5
+    assert replies[6] == (421, b"4.7.0 Too many errors, closing the connection")
+    assert replies[7] == (-1, b"disconnected")
+
+
+async def test_an_accepted_message_forgives_earlier_errors(strict: IngestMesh) -> None:
+    def run() -> tuple[list[tuple[int, bytes]], dict[str, tuple[int, bytes]], list[tuple[int, bytes]]]:
+        with strict.smtp() as s:
+            s.ehlo()
+            before = [s.docmd("MAIL FROM:<s@remote.test>")] + [s.docmd(f"RCPT TO:<x{i}@example.com>") for i in range(4)]
+            s.rset()
+            refused = s.sendmail("s@remote.test", ["bob@example.com"], message("after errors", to="bob@example.com"))
+            after = [s.docmd("MAIL FROM:<s@remote.test>")] + [s.docmd(f"RCPT TO:<y{i}@example.com>") for i in range(4)]
+            after.append(s.docmd("NOOP"))
+            return before, refused, after
+
+    before, refused, after = await in_thread(run)
+    assert before[1:] == [(550, b"5.1.1 No such user")] * 4 and refused == {}
+    assert after[1:5] == [(550, b"5.1.1 No such user")] * 4 and after[5] == (250, b"2.0.0 OK")
+    await strict.wait_subject("bob", "after errors")
+
+
+async def test_more_than_100_recipients_is_not_an_error(strict: IngestMesh) -> None:
+    rcpts = [f"RCPT TO:<{u}@example.com>" for u in ("alice", "bob", "carol") * 36]
+    replies = await in_thread(probe_session, strict, "MAIL FROM:<s@remote.test>", *rcpts, "NOOP")
+    assert replies[101:108] == [(452, b"4.5.3 Too many recipients")] * 7 and replies[-1] == (250, b"2.0.0 OK")
+
+
+async def test_noop_flood_is_cut_off(strict: IngestMesh) -> None:
+    replies = await in_thread(probe_session, strict, *["NOOP"] * 102)
+    assert replies[:100] == [(250, b"2.0.0 OK")] * 100
+    assert replies[100] == (421, b"4.7.0 NOOP sent too many times")
+
+
 async def test_message_over_the_size_limit_without_size_gets_552_after_data(limited: IngestMesh) -> None:
     big = message("too big", body="x" * 76 + "\r\n") * 1  # header + one line
     big += (b"y" * 998 + b"\r\n") * 250  # ~250 kB > 200_000
