@@ -446,9 +446,11 @@ class Pipeline:
             raise Refused(replies.MAIL_LOOP)
 
     async def authenticate(self, raw: bytes, env: Envelope, ingest_id: str) -> AuthOutcome:
-        """SPF (skipped for trusted sources) and DKIM concurrently, then DMARC on their results."""
+        """SPF (skipped for trusted sources), DKIM and the DMARC policy lookup concurrently, then
+        DMARC on their results."""
         from_domain = header_from_domain(raw)
         dkim_task = asyncio.ensure_future(dkim.verify_dkim(self.resolver, raw))
+        dmarc_task = dmarc.prefetch(self.resolver, from_domain)
         try:
             if env.trusted:
                 mail_from_domain = env.mail_from.rpartition("@")[2].lower()
@@ -457,12 +459,17 @@ class Pipeline:
                 spf_result = await spf.check_spf(self.resolver, env.client_ip, env.mail_from, env.helo,
                                                  receiver=self.hostname)
             dkim_results = await dkim_task
+            # sampled on the ingest id: a retried message meets the same pct= fate
+            dmarc_result = await dmarc.check_dmarc(self.resolver, from_domain, spf_result, dkim_results,
+                                                   sample_key=ingest_id, discovery=dmarc_task)
         finally:
-            if not dkim_task.done():
-                dkim_task.cancel()
-        # sampled on the ingest id: a retried message meets the same pct= fate
-        dmarc_result = await dmarc.check_dmarc(self.resolver, from_domain, spf_result, dkim_results,
-                                               sample_key=ingest_id)
+            for task in (dkim_task, dmarc_task):
+                if task is None:
+                    continue
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # seen: a failure after SPF's is not logged as never retrieved
         ar = authres.authentication_results(self.authserv_id, spf_result, dkim_results, dmarc_result,
                                             header_from=from_domain)
         return AuthOutcome(spf_result, dkim_results, dmarc_result, from_domain, ar)

@@ -53,6 +53,30 @@ async def wait_connected(m: IngestMesh, timeout: float = 20, *, mailbox: bool = 
 
 # --- what is handed off ---------------------------------------------------------------------------
 
+async def test_dmarc_policy_lookup_runs_while_spf_waits_on_dns(tmp_path: Path, nats: Nats,
+                                                               dns_server: DnsServer) -> None:
+    """With the sender domain's DNS not answering, the DMARC policy lookup is already out while
+    SPF's lookup is still being retried (one DNS wait per message, not one per check)."""
+    nc = await nats_client.connect(nats.url)
+    try:
+        settings = ingest_settings(tmp_path, nats.url, "127.0.0.1:1", dns_server)
+        pipeline = Pipeline(settings, Resolver(settings.dns_servers, timeout_s=0.3, lifetime_s=1.0),
+                            Handoff(BlobStore(tmp_path / "blobs"), nc, nc.jetstream()), hostname="mx.mailmesh.test")
+        dns_server.fail("remote.test", "timeout", "TXT")
+        dns_server.add("_dmarc.remote.test", "TXT", "v=DMARC1; p=reject")
+        env = Envelope(mail_from="sender@remote.test", rcpt_to=["alice@example.com"], client_ip="192.0.2.7",
+                       helo="mail.remote.test")
+        outcome = await pipeline.authenticate(message("slow dns"), env, "id-1")
+        assert outcome.spf.result == "temperror"
+        # p=reject, but an aligned SPF temperror is no failure: the sender may try again
+        assert (outcome.dmarc.result, outcome.dmarc.disposition) == ("temperror", "none")
+        spf_queries = [i for i, q in enumerate(dns_server.queries) if q[:2] == ("remote.test", "TXT")]
+        dmarc_first = next(i for i, q in enumerate(dns_server.queries) if q[:2] == ("_dmarc.remote.test", "TXT"))
+        assert len(spf_queries) >= 2 and dmarc_first < spf_queries[-1]
+    finally:
+        await nc.close()
+
+
 async def test_inbound_message_carries_envelope_auth_spam_blob_and_trace(
         tmp_path: Path, nats: Nats, dns_server: DnsServer, span_exporter: InMemorySpanExporter) -> None:
     """The pipeline against a NATS with no consumer, so the INBOUND message can be read back."""
