@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailmesh_common.config import Settings
-from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, SmtpFace, Unavailable
+from mailmesh_common.errors import InvalidInput, LimitExceeded, NotFound, SmtpFace, StorageFull, Unavailable
 
 _REF = re.compile(r"[0-9a-f]{64}")
 _TMP_DIR = "tmp"
@@ -47,6 +47,8 @@ class BlobTooLarge(LimitExceeded):
 def _unavailable(e: OSError) -> Unavailable:
     # Never the path: messages are for developers, without internals.
     reason = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"blob store full: {reason}")
     return Unavailable(f"blob store unavailable: {reason}")
 
 

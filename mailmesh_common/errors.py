@@ -100,6 +100,12 @@ class Unavailable(MailmeshError):
     smtp = SmtpFace(451, "4.3.0", "Service temporarily unavailable, try again later")
 
 
+class StorageFull(Unavailable):
+    """The disk (or quota) under a store is full: nothing was stored; try again later."""
+
+    smtp = SmtpFace(452, "4.3.1", "Insufficient system storage, try again later")
+
+
 class ConfigError(MailmeshError):
     """A bad configuration key or value; the message names the key."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import ssl
@@ -24,6 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mailmesh_common import telemetry
 from mailmesh_common.config import Settings
+from mailmesh_common.errors import StorageFull
 from svc_ingest import replies
 from svc_ingest.limits import Limits
 from svc_ingest.pipeline import Envelope as PipelineEnvelope
@@ -267,33 +269,39 @@ class MxSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
         self.session_span.set_attribute("mailmesh.smtp.tls", True)
 
-    async def _read_data(self, spool: Spool, limit: int) -> bool:
+    async def _read_data(self, spool: Spool, limit: int) -> Reply | None:
         """Reads the message up to its final CRLF.CRLF into spool, unstuffed (RFC 5321 4.5.2),
         in large pieces rather than line by line; never reads past the terminator (what
-        follows is the client's next pipelined command). True when the message went over
-        `limit` (it is then read to its end but not kept)."""
+        follows is the client's next pipelined command). A refusal when the message went over
+        `limit` or the spool could not be written (it is then read to its end but not kept),
+        so the reply comes after the final dot and the session stays in step."""
         pending = b"\r\n"  # the line break before the first line: a first line "." ends the data
         virtual = True  # pending still starts with that made-up line break
-        too_big = False
+        refusal: Reply | None = None
 
         async def release(segment: bytes) -> None:
-            nonlocal virtual, too_big
+            nonlocal virtual, refusal
             segment = segment.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2 transparency
             if virtual:
                 segment, virtual = segment[2:], False
-            if too_big or not segment:
+            if refusal is not None or not segment:
                 return
             if spool.size + len(segment) > limit:
-                too_big = True
+                refusal = replies.MESSAGE_TOO_BIG
                 spool.close()
                 return
-            await spool.write(segment)
+            try:
+                await spool.write(segment)
+            except OSError as exc:  # e.g. the disk is full
+                log.error("cannot spool a message: %s", exc.strerror or exc, extra={"client_ip": self.peer_ip})
+                refusal = StorageFull.smtp if exc.errno in (errno.ENOSPC, errno.EDQUOT) else replies.TEMP_FAILURE
+                spool.close()
 
         while self.transport is not None:
             end = pending.find(_END_OF_DATA)
             if end >= 0:
                 await release(pending[:end + 2])  # with the line break ending the last line
-                return too_big
+                return refusal
             # keep back what could be the start of the terminator; the rest is message
             keep = next((k for k in (4, 3, 2, 1) if pending.endswith(_END_OF_DATA[:k])), 0)
             if len(pending) - keep > (2 if virtual else 0):
@@ -328,11 +336,12 @@ class MxSMTP(SMTP):
         limit = self.listener.settings.max_message_bytes
         spool = Spool(self.listener.spool_dir)
         try:
-            too_big = await self._read_data(spool, limit)
-            if too_big:
-                log.info("message over the size limit refused", extra={"client_ip": self.peer_ip})
+            refusal = await self._read_data(spool, limit)
+            if refusal is not None:
+                if refusal is replies.MESSAGE_TOO_BIG:
+                    log.info("message over the size limit refused", extra={"client_ip": self.peer_ip})
                 self._set_post_data_state()
-                await self.push(replies.MESSAGE_TOO_BIG.line())
+                await self.push(refusal.line())
                 return
             content = await spool.getvalue()
         finally:

@@ -1,0 +1,100 @@
+"""A full disk under the DATA spool or the blob store: the message gets 452 4.3.1 (insufficient
+system storage: the sender keeps it and tries again), never 250, the session stays in step, and
+the same message goes through once there is room. The disks are real tmpfs mounts filled up
+(root with mount rights; skipped otherwise)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.dnsserver import DnsServer, dns_server  # noqa: F401  (fixture)
+from tests.svc_ingest.conftest import (
+    IngestMesh,
+    Nats,
+    in_thread,
+    message,
+    start_ingest_mesh,
+    stop_ingest_mesh,
+)
+from tests.svc_ingest.test_ingest_service import inbound_last_seq
+
+STORAGE_FULL = (452, b"4.3.1 Insufficient system storage, try again later")
+
+
+@contextmanager
+def full_tmpfs(path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted at path and filled; yields the filler file (delete it to make room)."""
+    if os.geteuid() != 0:
+        pytest.skip("filling a disk needs a tmpfs mount: run as root")
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True,
+                          timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()[:200]}")
+    try:
+        filler = path / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        yield filler
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def session(m: IngestMesh, raw: bytes) -> list[tuple[int, bytes]]:
+    """One message over SMTP, then a NOOP: the DATA reply and whether the session is in step."""
+    with m.smtp() as s:
+        s.ehlo()
+        out = [s.docmd("MAIL FROM:<sender@remote.test>"), s.docmd("RCPT TO:<bob@example.com>"), s.docmd("DATA")]
+        s.send(raw.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        out.append(s.getreply())
+        out.append(s.docmd("NOOP"))
+        return out
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> AsyncIterator[IngestMesh]:  # noqa: F811
+    m = await start_ingest_mesh(tmp_path, nats, dns_server)
+    try:
+        yield m
+    finally:
+        await stop_ingest_mesh(m)
+
+
+async def test_spool_disk_full_gets_452_and_the_retry_is_delivered(mesh: IngestMesh) -> None:
+    # over a MiB: DATA spills from memory to a file in the spool directory
+    raw = message("big one", to="bob@example.com") + b"".join(b"%075d\r\n" % i for i in range(40_000))  # ~3 MB of body lines
+    before = await inbound_last_seq(mesh)
+    with full_tmpfs(Path(mesh.settings.data_dir) / "ingest-spool"):
+        got = await in_thread(session, mesh, raw)
+        assert got[3] == STORAGE_FULL
+        assert got[4] == (250, b"2.0.0 OK")  # read to its final dot: the session is still in step
+        assert await inbound_last_seq(mesh) == before
+    # room again (the spool back on the big disk): the sender's retry goes through
+    got = await in_thread(session, mesh, raw)
+    assert got[3][0] == 250 and got[4] == (250, b"2.0.0 OK")
+    stored = await mesh.wait_subject("bob", "big one")
+    assert stored.size_estimate > 3_000_000
+
+
+async def test_blob_store_disk_full_gets_452_and_nothing_is_handed_off(mesh: IngestMesh) -> None:
+    raw = message("while the disk was full", to="bob@example.com")
+    before = await inbound_last_seq(mesh)
+    with full_tmpfs(Path(mesh.settings.data_dir) / "blobs") as filler:
+        got = await in_thread(session, mesh, raw)
+        assert got[3] == STORAGE_FULL and got[4] == (250, b"2.0.0 OK")
+        assert await inbound_last_seq(mesh) == before
+        filler.unlink()
+        got = await in_thread(session, mesh, raw)
+        assert got[3][0] == 250
+        await mesh.wait_subject("bob", "while the disk was full")
