@@ -254,10 +254,11 @@ def ingest_settings(data_dir: Path, nats_url: str, mailbox_addr: str, dns: DnsSe
 
 
 async def start_ingest_mesh(root: Path, nats: Nats, dns: DnsServer, *, users: tuple[str, ...] = USERS,
-                            **overrides: Any) -> IngestMesh:
-    # the settings both services read
+                            mailbox_overrides: dict[str, Any] | None = None, **overrides: Any) -> IngestMesh:
+    """svc_mailbox (its settings plus mailbox_overrides) and svc_ingest (overrides; the settings
+    both read, such as postmaster, go to both)."""
     shared = {k: overrides[k] for k in ("postmaster",) if k in overrides}
-    mailbox = await start_mesh(root, nats.url, **shared)
+    mailbox = await start_mesh(root, nats.url, **shared, **(mailbox_overrides or {}))
     # keep svc_mailbox's run task out of its ctx.tasks: a service that stops by itself (a dead
     # background task) must not end up awaiting itself
     mailbox_run = mailbox.ctx.tasks.pop()
