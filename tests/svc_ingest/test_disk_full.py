@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,42 +66,35 @@ def session(m: IngestMesh, raw: bytes) -> list[tuple[int, bytes]]:
         return out
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> AsyncIterator[IngestMesh]:  # noqa: F811
-    m = await start_ingest_mesh(tmp_path, nats, dns_server)
-    try:
-        yield m
-    finally:
-        await stop_ingest_mesh(m)
-
-
-async def test_spool_disk_full_gets_452_and_the_retry_is_delivered(mesh: IngestMesh) -> None:
+async def test_spool_disk_full_gets_452_and_the_retry_is_delivered(ingest_mesh: IngestMesh) -> None:
+    m = ingest_mesh
     # over a MiB: DATA spills from memory to a file in the spool directory
     raw = message("big one", to="bob@example.com") + b"".join(b"%075d\r\n" % i for i in range(40_000))  # ~3 MB of body lines
-    before = await inbound_last_seq(mesh)
-    with full_tmpfs(Path(mesh.settings.data_dir) / "ingest-spool"):
-        got = await in_thread(session, mesh, raw)
+    before = await inbound_last_seq(m)
+    with full_tmpfs(Path(m.settings.data_dir) / "ingest-spool"):
+        got = await in_thread(session, m, raw)
         assert got[3] == STORAGE_FULL
         assert got[4] == (250, b"2.0.0 OK")  # read to its final dot: the session is still in step
-        assert await inbound_last_seq(mesh) == before
+        assert await inbound_last_seq(m) == before
     # room again (the spool back on the big disk): the sender's retry goes through
-    got = await in_thread(session, mesh, raw)
+    got = await in_thread(session, m, raw)
     assert got[3][0] == 250 and got[4] == (250, b"2.0.0 OK")
-    stored = await mesh.wait_subject("bob", "big one")
+    stored = await m.wait_subject("bob", "big one")
     assert stored.size_estimate > 3_000_000
 
 
-async def test_blob_store_disk_full_gets_452_and_nothing_is_handed_off(mesh: IngestMesh) -> None:
+async def test_blob_store_disk_full_gets_452_and_nothing_is_handed_off(ingest_mesh: IngestMesh) -> None:
+    m = ingest_mesh
     raw = message("while the disk was full", to="bob@example.com")
-    before = await inbound_last_seq(mesh)
-    with full_tmpfs(Path(mesh.settings.data_dir) / "blobs") as filler:
-        got = await in_thread(session, mesh, raw)
+    before = await inbound_last_seq(m)
+    with full_tmpfs(Path(m.settings.data_dir) / "blobs") as filler:
+        got = await in_thread(session, m, raw)
         assert got[3] == STORAGE_FULL and got[4] == (250, b"2.0.0 OK")
-        assert await inbound_last_seq(mesh) == before
+        assert await inbound_last_seq(m) == before
         filler.unlink()
-        got = await in_thread(session, mesh, raw)
+        got = await in_thread(session, m, raw)
         assert got[3][0] == 250
-        await mesh.wait_subject("bob", "while the disk was full")
+        await m.wait_subject("bob", "while the disk was full")
 
 
 async def test_mailbox_store_disk_full_keeps_the_message_until_there_is_room(
