@@ -77,6 +77,10 @@ class Settings:
     # svc_ingest processes `mailmesh up` runs, sharing the SMTP and gRPC ports (SO_REUSEPORT);
     # 0: one per core, at most MAX_AUTO_INGEST_WORKERS (ingest is CPU-bound)
     ingest_workers: int = 0
+    # svc_ingest lowers its CPU priority by this much (nice, 0..19) when it starts: on a machine
+    # it shares with svc_mailbox, accepted mail is delivered before more is accepted (the 250
+    # came once it was durable; the sender only waits a little longer for the next one)
+    ingest_nice: int = 5
     tls_cert_file: str = ""  # PEM certificate (chain) for STARTTLS; default: self-signed, generated
     tls_key_file: str = ""  # PEM private key for tls_cert_file
     max_recipients: int = 100  # RCPT TO per message; more get 452 4.5.3
@@ -258,6 +262,8 @@ def load_settings(config_file: str | os.PathLike[str] | None = None,
     values["log_level"] = level
     if values.get("log_format", "json") not in ("json", "text"):
         raise ConfigError(f"log_format: expected json or text, got {values['log_format']!r}")
+    if not 0 <= int(values.get("ingest_nice", 0)) <= 19:
+        raise ConfigError(f"ingest_nice: expected 0..19, got {values['ingest_nice']!r}")
     postmaster = str(values.get("postmaster", "")).strip()
     if postmaster:
         try:

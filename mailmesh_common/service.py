@@ -107,14 +107,16 @@ async def run_until_stopped(ctx: ServiceContext, *, signals: bool = True) -> Non
 
 
 def main(name: str, port_setting: str, register: Register, *, service_names: tuple[str, ...] = (),
-         needs_nats: bool = True) -> None:
-    """Entry point for `python -m svc_x`."""
+         needs_nats: bool = True, prepare: Callable[[Settings], None] | None = None) -> None:
+    """Entry point for `python -m svc_x`; `prepare` runs first, while the process has one thread."""
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc.message}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     setup_logging(name, settings.log_level, settings.log_format)
+    if prepare is not None:
+        prepare(settings)
     telemetry.setup_telemetry(name, trace_file=settings.trace_file)
 
     async def _run() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -113,5 +114,15 @@ async def register(ctx: ServiceContext) -> None:
     await start_ingest(ctx)
 
 
+def lower_priority(settings: Settings) -> None:
+    """Gives up `ingest_nice` of CPU priority. On Linux nice is per thread, and threads inherit
+    their creator's: this runs before the process starts any (gRPC, telemetry, executors)."""
+    if settings.ingest_nice > 0:
+        try:
+            os.nice(settings.ingest_nice)
+        except OSError as exc:  # e.g. a seccomp profile forbidding it: run at normal priority
+            log.warning("cannot lower svc_ingest's CPU priority: %s", exc.strerror)
+
+
 def run() -> None:
-    main("svc_ingest", "ingest_port", register, service_names=(service_name(),))
+    main("svc_ingest", "ingest_port", register, service_names=(service_name(),), prepare=lower_priority)

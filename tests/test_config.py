@@ -103,6 +103,13 @@ def test_postmaster_is_a_valid_address_kept_in_canonical_form() -> None:
         load_settings(env={"MAILMESH_POSTMASTER": "not an address"})
 
 
+def test_ingest_nice_is_a_nice_increment() -> None:
+    assert load_settings(env={}).ingest_nice == 5
+    assert load_settings(env={"MAILMESH_INGEST_NICE": "0"}).ingest_nice == 0
+    with pytest.raises(ConfigError, match="^ingest_nice: expected 0..19"):
+        load_settings(env={"MAILMESH_INGEST_NICE": "20"})
+
+
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "nope.toml", env={})

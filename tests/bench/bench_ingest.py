@@ -20,7 +20,8 @@ Besides the rates and latencies it prints, per run, the CPU time each process sp
 accepted message (`cpu_ms_per_message`, from /proc): on a machine shared with other work the
 rates move with the load, the CPU cost much less. `--ingest-workers N` runs N svc_ingest
 processes on one SMTP port (SO_REUSEPORT), as `mailmesh up` does with `ingest_workers = N`;
-`--profile DIR` runs the services under cProfile.
+`--profile DIR` runs the services under cProfile. svc_ingest runs `--ingest-nice` (default: the
+`ingest_nice` setting, 5) below the other processes' CPU priority, as it does under `mailmesh up`.
 
 The blob store starts empty, so most puts of a run are the first into their `ab/cd` directory
 (65,536 of them) and pay for creating it, which a store in use for a while no longer does;
@@ -237,6 +238,8 @@ async def main() -> None:
     ap.add_argument("--probes", type=int, default=200, help="messages for the unloaded latency")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     ap.add_argument("--ingest-workers", type=int, default=1, help="svc_ingest processes sharing the SMTP port")
+    ap.add_argument("--ingest-nice", type=int, default=Settings.ingest_nice, metavar="N",
+                    help="svc_ingest's CPU priority below the others (MAILMESH_INGEST_NICE; 0: the same)")
     ap.add_argument("--premade-blob-dirs", action="store_true",
                     help="create the blob store's 65,536 ab/cd directories first, as in a store in use for a while")
     ap.add_argument("--rate", type=float, default=0.0, metavar="R",
@@ -266,7 +269,7 @@ async def main() -> None:
             env={}, data_dir=str(tmp / "data"), nats_url=natsd.url, mailbox_port=free_port(),
             ingest_port=free_port(), smtp_port=free_port(), dns_servers=dns.address, log_level="WARNING",
             smtp_hostname="mx.bench.test", per_ip_max_connections=0, per_ip_messages_per_minute=0,
-            ingest_workers=args.ingest_workers)
+            ingest_workers=args.ingest_workers, ingest_nice=args.ingest_nice)
         settings.data_dir.mkdir(parents=True)
         if args.premade_blob_dirs:
             premake_blob_dirs(settings.data_dir / "blobs")
@@ -371,7 +374,7 @@ async def main() -> None:
                           "blob_store": "all ab/cd directories made beforehand" if args.premade_blob_dirs
                           else "fresh: most puts create their ab/cd directory",
                           "offered_per_s": args.rate or "as fast as accepted",
-                          "ingest_workers": args.ingest_workers, "spam_model_trained_on": trained,
+                          "ingest_workers": args.ingest_workers, "ingest_nice": args.ingest_nice, "spam_model_trained_on": trained,
                           "cores": os.cpu_count(), "runs": results}, indent=2))
     finally:
         for p in reversed(procs):
