@@ -21,6 +21,7 @@ import idna
 from mailmesh_common.errors import InvalidInput
 
 __all__ = [
+    "ROLE_LOCAL_PARTS",
     "MailAddress",
     "canonical",
     "is_valid_mailbox",
@@ -217,6 +218,10 @@ def _strip_brackets(email: str) -> str:
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
     return text
+
+
+# Role mailboxes every mail domain answers for (RFC 5321 4.5.1: postmaster MUST; RFC 2142: abuse)
+ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
 
 
 def canonical(email: str) -> str:

@@ -91,6 +91,9 @@ class Settings:
     # 4xx/5xx replies one SMTP session may get without a message accepted; past it: 421 4.7.0
     # and the connection is closed (address probing, broken clients); 0 = unlimited
     smtp_max_errors: int = 20
+    # DNS blocklists of client addresses (RFC 5782), e.g. zen.spamhaus.org: a listed client's
+    # RCPT gets 554 5.7.1 (postmaster@ and abuse@ excepted); a list that does not answer blocks nothing
+    dnsbl_zones: tuple[str, ...] = ()
     clamd_address: str = ""  # clamd socket: a unix socket path or host:port; "" = no virus scanning
     clamd_required: bool = True  # clamd unreachable: 451 4.7.0 (true) or deliver unscanned, logged (false)
     clamd_timeout_s: float = 30.0

@@ -44,7 +44,7 @@ from mailmesh_common.dns import Resolver
 from mailmesh_common.errors import MailmeshError, Unavailable
 from mailmesh_common.mime import MailAddress, ParsedMessage
 from svc_ingest import replies
-from svc_ingest.checks import authres, dkim, dmarc, rdns, spf
+from svc_ingest.checks import authres, dkim, dmarc, dnsbl, rdns, spf
 from svc_ingest.checks.dkim import DkimResult
 from svc_ingest.checks.dmarc import DmarcResult
 from svc_ingest.checks.spf import SpfResult
@@ -438,6 +438,10 @@ class Pipeline:
     async def reverse_name(self, ip: str) -> str:
         """The client's forward-confirmed reverse DNS name, "" when none (bounded; never fails)."""
         return await rdns.verified_name(self.resolver, ip, timeout_s=self.rdns_timeout_s)
+
+    async def blocklisted(self, ip: str) -> str:
+        """The configured DNS blocklist that lists the client, "" when none (bounded)."""
+        return await dnsbl.listing_zone(self.resolver, ip, self.settings.dnsbl_zones)
 
     def check_limits(self, raw: bytes) -> None:
         if len(raw) > self.max_bytes:

@@ -55,6 +55,11 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing the connection")
 
 
+def blocklisted(ip: str, zone: str) -> Reply:
+    """RCPT from a client a DNS blocklist lists (the wording Postfix's reject_rbl_client uses)."""
+    return Reply(554, "5.7.1", f"Service unavailable; client [{ip}] blocked using {zone}")
+
+
 def queued(ingest_id: str) -> Reply:
     """250 after the INBOUND publish ack, naming the ingest id."""
     return Reply(250, "2.0.0", f"OK: queued as {ingest_id}")

@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mailmesh_common import address as address_mod
 from mailmesh_common import telemetry
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import StorageFull
@@ -123,6 +124,7 @@ class MxSMTP(SMTP):
         self._plain_replies = False
         self.session_span: trace.Span = trace.INVALID_SPAN
         self.rdns: asyncio.Future[str] | None = None  # the client's verified name, looked up at connect
+        self.dnsbl: asyncio.Future[str] | None = None  # the blocklist that lists the client, asked at connect
         self._held: list[bytes] = []  # replies push() holds back (see there)
         self._held_bytes = 0
         self.errors = 0  # 4xx/5xx replies since the session began or last accepted a message
@@ -229,24 +231,24 @@ class MxSMTP(SMTP):
                 if ip:
                     # reverse DNS runs while the client talks; DATA waits for it (bounded)
                     self.rdns = asyncio.ensure_future(self.listener.pipeline.reverse_name(ip))
+                    if self.listener.settings.dnsbl_zones:  # so do blocklists; RCPT waits for them
+                        self.dnsbl = asyncio.ensure_future(self.listener.pipeline.blocklisted(ip))
                 await super()._handle_client()
         finally:
-            if self.rdns is not None and not self.rdns.done():
-                self.rdns.cancel()
+            for lookup in (self.rdns, self.dnsbl):
+                if lookup is not None and not lookup.done():
+                    lookup.cancel()
             limits.connections.release(ip)
             self.listener.sessions.discard(self)
             span.end()
 
     async def client_name(self) -> str:
         """The client's forward-confirmed reverse DNS name, "" when it has none."""
-        if self.rdns is None:
-            return ""
-        try:
-            return await asyncio.shield(self.rdns)
-        except asyncio.CancelledError:
-            if self.rdns.cancelled():
-                return ""
-            raise
+        return await _shielded(self.rdns)
+
+    async def blocklist(self) -> str:
+        """The configured DNS blocklist that lists the client, "" when none does."""
+        return await _shielded(self.dnsbl)
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._plain_replies = True
@@ -411,6 +413,13 @@ class MxHandler:
             address = "postmaster@" + self.settings.postmaster.rpartition("@")[2]
         if not _address_ok(address, envelope.smtp_utf8, null_ok=False):
             return _address_reply(address, replies.BAD_RECIPIENT_SYNTAX)
+        zone = await server.blocklist()
+        # a listed sender can still reach postmaster@ and abuse@ to ask why (RFC 5321 4.5.1)
+        if zone and address.rpartition("@")[0].lower() not in address_mod.ROLE_LOCAL_PARTS:
+            log.info("refusing a recipient: client %s is listed in %s", server.peer_ip, zone,
+                     extra={"event": "dnsbl_refused", "client_ip": server.peer_ip, "zone": zone})
+            server.session_span.set_attribute("mailmesh.dnsbl.zone", zone)
+            return replies.blocklisted(server.peer_ip, zone).line()
         check = await self.listener.recipients.check(address, envelope.declared_size)
         if check.accepted:
             envelope.rcpt_count += 1
@@ -454,6 +463,19 @@ class MxHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %r", error)
         return replies.TEMP_FAILURE.line()
+
+
+async def _shielded(lookup: asyncio.Future[str] | None) -> str:
+    """A session's lookup started at connect: its result, "" when there is none or it was
+    cancelled (the session ending); awaiting it never cancels it."""
+    if lookup is None:
+        return ""
+    try:
+        return await asyncio.shield(lookup)
+    except asyncio.CancelledError:
+        if lookup.cancelled():
+            return ""
+        raise
 
 
 def _address_ok(address: str, smtputf8: bool, *, null_ok: bool) -> bool:

@@ -157,10 +157,6 @@ def list_accounts(tr: Transaction, domain: str, after: str, limit: int) -> list[
     return [load_account(tr, v.decode()) for _, v in tr.get_range(start, end, limit=limit)]
 
 
-# Role mailboxes every mail domain answers for (RFC 5321 4.5.1: postmaster MUST; RFC 2142: abuse)
-ROLE_LOCAL_PARTS = frozenset({"postmaster", "abuse"})
-
-
 def resolve_recipient(tr: Transaction, addr: str, size: int, postmaster: str = "") -> pb.ResolveRecipientResponse:
     """Where mail to addr goes. `postmaster` (a canonical address, the `postmaster` setting)
     takes a local domain's postmaster@ and abuse@ mail when no account or alias has them."""
@@ -173,7 +169,7 @@ def resolve_recipient(tr: Transaction, addr: str, size: int, postmaster: str = "
         return pb.ResolveRecipientResponse(
             resolution=pb.RECIPIENT_RESOLUTION_FOREIGN_DOMAIN, canonical_address=canon)
     user = user_for_address(tr, canon)
-    if user is None and postmaster and local in ROLE_LOCAL_PARTS:
+    if user is None and postmaster and local in address.ROLE_LOCAL_PARTS:
         user = user_for_address(tr, postmaster)
     if user is None:
         return pb.ResolveRecipientResponse(
