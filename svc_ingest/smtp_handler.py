@@ -109,6 +109,12 @@ class MxSMTP(SMTP):
     """aiosmtpd's protocol with enhanced status codes, per-IP connection limits, the session
     span, and a streaming DATA."""
 
+    # The StreamReader's limit (aiosmtpd: 1001). A command line longer than the command limits
+    # still gets "500 Command line too long"; but the reader pauses the socket once it holds
+    # twice this, and at 1001 every message of more than 2 kB paused and resumed it (epoll
+    # changes, extra wakeups) while DATA was read
+    line_length_limit = 32 * 1024
+
     def __init__(self, handler: MxHandler, listener: SmtpListener) -> None:
         s = listener.settings
         super().__init__(handler, data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
