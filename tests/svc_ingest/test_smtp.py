@@ -129,6 +129,16 @@ async def test_malformed_recipient_gets_5xx(shared_ingest: IngestMesh) -> None:
     assert replies[2][0] in (501, 553) and replies[2][1].startswith(b"5.1.3")
 
 
+async def test_overlong_command_lines_get_500_and_the_session_goes_on(shared_ingest: IngestMesh) -> None:
+    long_rcpt = "RCPT TO:<" + "a" * 5000 + "@example.com>"
+    huge = "NOOP " + "x" * 100_000  # past the reader's limit too
+    replies = await in_thread(dialog, shared_ingest, "MAIL FROM:<s@remote.test>", long_rcpt, huge,
+                              "RCPT TO:<alice@example.com>")
+    assert replies[1] == (500, b"5.5.2 Command line too long")
+    assert replies[2] == (500, b"5.5.2 Command line too long")
+    assert replies[3] == (250, b"2.1.5 Recipient OK")
+
+
 # --- size and loops ------------------------------------------------------------------------------
 
 async def test_declared_size_over_the_limit_is_refused_at_mail(shared_ingest: IngestMesh) -> None:
