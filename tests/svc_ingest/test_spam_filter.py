@@ -8,6 +8,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import random
+import string
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -29,7 +31,7 @@ from svc_ingest.spam.filter import (
     Verdict,
     bayes_test,
 )
-from svc_ingest.spam.rules import DEFAULT_WEIGHTS
+from svc_ingest.spam.rules import CAPS_MIN_LETTERS, CAPS_SHARE, DEFAULT_WEIGHTS, SCAN_TEXT_CHARS, _mostly_caps
 from svc_ingest.spam.tokenizer import GROUPS, analyze
 from tests.conftest import REPO, child_env
 
@@ -296,6 +298,25 @@ async def test_header_and_link_rules(db: Database) -> None:
     image = mail("look", '<html><body><img src="http://x.example/a.gif"></body></html>',
                  extra="Content-Type: text/html")
     assert "HTML_IMAGE_ONLY" in (await flt.classify(image)).status
+
+
+def test_caps_share_counts_exactly_as_the_per_character_loop() -> None:
+    """BODY_MOSTLY_CAPS counts ASCII text's letters in C; the answer is the per-character one."""
+    def plain(text: str) -> bool:
+        head = text[:SCAN_TEXT_CHARS]
+        letters = sum(map(str.isalpha, head))
+        return letters >= CAPS_MIN_LETTERS and sum(map(str.isupper, head)) > CAPS_SHARE * letters
+
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n" + "ÄéΣσ"
+    texts = ["", "A" * 199, "A" * 200, "a" * 5000 + "B" * 5000, "FREE MONEY " * 40, "Free money " * 40,
+             "ÉCRIT EN MAJUSCULES " * 30]
+    texts += ["".join(rng.choice(alphabet[: rng.choice((62, len(alphabet) - 4, len(alphabet)))])
+                      for _ in range(rng.randint(150, 6000))) for _ in range(300)]
+    texts += ["".join(rng.choice("AaB ") for _ in range(rng.randint(300, 700))) for _ in range(100)]
+    for text in texts:
+        assert _mostly_caps(text) is plain(text), text[:80]
+    assert {plain(t) for t in texts} == {True, False}
 
 
 async def test_message_form_rules(db: Database) -> None:
