@@ -47,7 +47,6 @@ DMARC_REJECT = Reply(550, "5.7.1", "Message refused by the sender domain's DMARC
 DMARC_TEMP_FAILURE = Reply(451, "4.7.0", "Sender authentication temporarily failed, try again later")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary server error, try again later")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 
 # --- connection ----------------------------------------------------------------------------------
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
