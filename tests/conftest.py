@@ -151,13 +151,13 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
 class MeshProcess:
     """A running `mailmesh up --data-dir DATA_DIR` with `env`; output collected in the background."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], *args: str) -> None:
         self.data_dir = data_dir
         self.env = env
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.up = threading.Event()
-        self.proc = subprocess.Popen(mailmesh_argv("up", "--data-dir", str(data_dir)), env=child_env(env),
+        self.proc = subprocess.Popen(mailmesh_argv("up", "--data-dir", str(data_dir), *args), env=child_env(env),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         for stream, sink, watch in ((self.proc.stdout, self.stdout, True), (self.proc.stderr, self.stderr, False)):

@@ -37,6 +37,7 @@ from mailmesh_common.natsserver import (
     NatsServerNotFound,
     NatsServerNotReady,
     find_nats_server,
+    jetstream_ready,
     open_log,
     signal_group,
     spawn,
@@ -70,6 +71,11 @@ BACKOFF_MAX_S = 30.0
 BACKOFF_RESET_AFTER_S = 60.0
 STOP_TIMEOUT_S = 10.0
 TICK_S = 0.2
+# nats-server disables JetStream after a storage error (a full disk) and keeps it so, running,
+# until restarted: the supervisor asks JetStream every JETSTREAM_CHECK_S and restarts a running
+# nats-server that missed JETSTREAM_FAILURES answers in a row
+JETSTREAM_CHECK_S = 10.0
+JETSTREAM_FAILURES = 6
 
 
 # Protocol listeners the services serve today, printed by `up`. Their ports are reserved and
@@ -188,6 +194,8 @@ class Supervisor:
     components: list[Component] = field(default_factory=list)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     log_stream: IO[str] | None = None
+    jetstream_check_s: float = JETSTREAM_CHECK_S
+    jetstream_failures: int = JETSTREAM_FAILURES
 
     # --- paths and records ---
     @property
@@ -367,10 +375,42 @@ class Supervisor:
             self.write_pids()
 
     async def supervise(self) -> None:
+        watcher = asyncio.create_task(self.watch_jetstream())
+        try:
+            while not self.stop_event.is_set():
+                self.tick()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), TICK_S)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def watch_jetstream(self) -> None:
+        """Stops a nats-server that runs but whose JetStream no longer answers (see
+        JETSTREAM_CHECK_S), so that `tick` restarts it: accepted mail then flows again once the
+        cause (say, the full disk) is gone, without an operator restarting it by hand."""
+        missed = 0
         while not self.stop_event.is_set():
-            self.tick()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), TICK_S)
+                await asyncio.wait_for(self.stop_event.wait(), self.jetstream_check_s)
+            c = self.nats_component
+            proc = c.proc
+            if self.stop_event.is_set() or proc is None or c.exited() \
+                    or time.monotonic() - c.started_at < self.jetstream_check_s:
+                missed = 0  # not running, or just (re)started: tick and start-up look after it
+                continue
+            if await jetstream_ready(self.nats.url, min(5.0, self.jetstream_check_s)):
+                missed = 0
+                continue
+            missed += 1
+            if missed < self.jetstream_failures:
+                continue
+            self.log(f"{c.name} (pid {proc.pid}) runs but its JetStream did not answer {missed} checks in a row; "
+                     f"restarting it; last lines of {c.log_file}:\n{tail(c.log_file, 5)}")
+            signal_group(proc, signal.SIGCONT)  # a stopped process must run to handle SIGTERM
+            await asyncio.to_thread(stop_processes, [proc], STOP_TIMEOUT_S)
+            missed = 0
 
     # --- stop ---
     def stop_all(self) -> None:
@@ -421,6 +461,9 @@ class Supervisor:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    if not args.jetstream_check > 0 or args.jetstream_failures < 1:
+        print("mailmesh up: --jetstream-check must be > 0 and --jetstream-failures >= 1", file=sys.stderr)
+        return 2
     data_dir = Path(args.data_dir) if args.data_dir else None
     settings = load_settings(args.config, data_dir=data_dir)
     settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
@@ -456,7 +499,8 @@ def run_up(args: argparse.Namespace) -> int:
     pid_file = data_dir / "mailmesh.pid"
     pid_file.write_text(f"{os.getpid()}\n")
     with open_log(logs / "supervisor.log") as log_stream:
-        sup = Supervisor(settings, nats, start_timeout_s=args.start_timeout, log_stream=log_stream)
+        sup = Supervisor(settings, nats, start_timeout_s=args.start_timeout, log_stream=log_stream,
+                         jetstream_check_s=args.jetstream_check, jetstream_failures=args.jetstream_failures)
         sup.build()
         try:
             return asyncio.run(sup.run())
@@ -477,4 +521,9 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
                    help="serve nats-server's HTTP monitoring on this port (default: off)")
     p.add_argument("--start-timeout", type=float, default=30.0,
                    help="seconds to wait for every component to be healthy (default 30)")
+    p.add_argument("--jetstream-check", type=float, default=JETSTREAM_CHECK_S, metavar="S",
+                   help=f"seconds between checks that nats-server's JetStream answers (default {JETSTREAM_CHECK_S:g})")
+    p.add_argument("--jetstream-failures", type=int, default=JETSTREAM_FAILURES, metavar="N",
+                   help="unanswered checks in a row after which a running nats-server is restarted "
+                        f"(default {JETSTREAM_FAILURES})")
     p.set_defaults(func=run_up)

@@ -151,6 +151,32 @@ def test_sigterm_stops_everything_and_leaves_nothing_behind(mailmesh_up: MeshPro
     assert "stopped" in (mailmesh_up.data_dir / "logs" / "supervisor.log").read_text()
 
 
+def test_a_nats_server_whose_jetstream_stops_answering_is_restarted(tmp_path: Path,
+                                                                    mesh_settings: dict[str, str]) -> None:
+    """nats-server keeps running with JetStream disabled after a storage error (a full disk); a
+    stopped process is the same to its clients: the supervisor restarts it."""
+    m = MeshProcess(tmp_path / "data", mesh_settings, "--jetstream-check", "0.5", "--jetstream-failures", "3")
+    try:
+        m.wait_up()
+        old = m.pids()["nats"]
+        assert old
+        os.kill(old, signal.SIGSTOP)
+        wait_until(lambda: m.pids().get("nats") not in (None, old), 30, "nats-server to be restarted")
+        log = (m.data_dir / "logs" / "supervisor.log").read_text()
+        assert f"nats (pid {old}) runs but its JetStream did not answer 3 checks in a row; restarting it" in log
+        wait_until(lambda: run_mailmesh("status", "--data-dir", str(m.data_dir), env=m.env).returncode == 0, 30,
+                   "every component, nats too, to be healthy again")
+        assert m.pids().get("nats") not in (None, old)  # and not restarted again meanwhile
+    finally:
+        m.stop()
+
+
+def test_jetstream_check_arguments_are_validated(tmp_path: Path, mesh_settings: dict[str, str]) -> None:
+    res = run_mailmesh("up", "--data-dir", str(tmp_path / "data"), "--jetstream-failures", "0", env=mesh_settings)
+    assert res.returncode == 2
+    assert "--jetstream-failures" in res.stderr and not (tmp_path / "data").exists()
+
+
 def test_children_die_with_a_killed_supervisor(tmp_path: Path, mesh_settings: dict[str, str]) -> None:
     data_dir = tmp_path / "data"
     m = MeshProcess(data_dir, mesh_settings)
