@@ -2,14 +2,32 @@
 and messages per minute (451 4.7.1 at MAIL FROM past the limit).
 
 Both are in memory, per process: each svc_ingest replica enforces its own share. A limit of 0
-means unlimited. Memory is bounded: idle entries are dropped.
+means unlimited. Memory is bounded: idle entries are dropped. An IPv6 client is counted by its
+/64: a site is given at least a /64 and can send from any address in it, so per-address limits
+would not hold it (IPv4-mapped addresses count as the IPv4 address).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+IPV6_PREFIX = 64
+
+
+def client_key(ip: str) -> str:
+    """What the limits count a client address under (module doc)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, IPV6_PREFIX), strict=False))
+    return ip
 
 
 @dataclass
@@ -27,6 +45,7 @@ class ConnectionLimiter:
 
     def acquire(self, ip: str) -> bool:
         """Takes a slot for ip; False (and nothing taken) when ip is at its limit."""
+        ip = client_key(ip)
         n = self._open.get(ip, 0)
         if self.max_per_ip and n >= self.max_per_ip:
             return False
@@ -34,6 +53,7 @@ class ConnectionLimiter:
         return True
 
     def release(self, ip: str) -> None:
+        ip = client_key(ip)
         n = self._open.get(ip, 0) - 1
         if n > 0:
             self._open[ip] = n
@@ -41,7 +61,7 @@ class ConnectionLimiter:
             self._open.pop(ip, None)
 
     def open_connections(self, ip: str) -> int:
-        return self._open.get(ip, 0)
+        return self._open.get(client_key(ip), 0)
 
 
 class RateLimiter:
@@ -62,6 +82,7 @@ class RateLimiter:
         """Takes one message from ip's budget; False when it is spent."""
         if not self.per_minute:
             return True
+        ip = client_key(ip)
         now = self.clock()
         b = self._buckets.get(ip)
         if b is None:

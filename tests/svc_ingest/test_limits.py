@@ -48,6 +48,25 @@ def test_connection_limiter_counts_per_ip() -> None:
     assert ConnectionLimiter(0).acquire("x")  # 0 = unlimited
 
 
+def test_an_ipv6_client_is_counted_by_its_64() -> None:
+    """Any address of a /64 is the same site: rotating through it does not escape the limits."""
+    lim = ConnectionLimiter(2)
+    assert lim.acquire("2001:db8:1:2::1") and lim.acquire("2001:db8:1:2:ffff:ffff:ffff:ffff")
+    assert not lim.acquire("2001:db8:1:2::abcd")
+    assert lim.acquire("2001:db8:1:3::1")  # another /64
+    lim.release("2001:db8:1:2::1")
+    assert lim.open_connections("2001:db8:1:2::99") == 1
+    assert lim.acquire("2001:db8:1:2::7")
+    # an IPv4 client on a dual-stack listener is the IPv4 address
+    assert lim.acquire("::ffff:192.0.2.1") and lim.acquire("192.0.2.1") and not lim.acquire("::ffff:192.0.2.1")
+
+    now = [1000.0]
+    rate = RateLimiter(3, clock=lambda: now[0])
+    assert all(rate.allow(f"2001:db8:5:6::{i:x}") for i in range(1, 4))
+    assert not rate.allow("2001:db8:5:6::ffff")
+    assert rate.allow("2001:db8:5:7::1")
+
+
 def test_rate_limiter_refills_over_a_minute() -> None:
     now = [1000.0]
     lim = RateLimiter(6, clock=lambda: now[0])
