@@ -21,9 +21,11 @@ import idna
 from mailmesh_common.errors import InvalidInput
 
 __all__ = [
+    "IPV6_SITE_PREFIX",
     "ROLE_LOCAL_PARTS",
     "MailAddress",
     "canonical",
+    "client_key",
     "is_valid_mailbox",
     "parse_address",
     "split",
@@ -218,6 +220,25 @@ def _strip_brackets(email: str) -> str:
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
     return text
+
+
+# A site is given at least an IPv6 /64 and may use any address of it (RFC 6177)
+IPV6_SITE_PREFIX = 64
+
+
+def client_key(ip: str) -> str:
+    """What per-client limits count a client address under: an IPv4 address as it is (also when
+    IPv4-mapped, as a dual-stack listener reports it), an IPv6 address by its /64, since counting
+    single addresses would not hold a client that rotates through its /64; anything else as given."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, IPV6_SITE_PREFIX), strict=False))
+    return ip
 
 
 # Role mailboxes every mail domain answers for (RFC 5321 4.5.1: postmaster MUST; RFC 2142: abuse)

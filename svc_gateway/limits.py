@@ -1,5 +1,5 @@
 """Per-user request and search rate limits (token buckets, in the memory of one gateway replica,
-bounded in size) and failed-login counters per account and per client IP, which live in the
+bounded in size) and failed-login counters per account and per client IP (an IPv6 client by its /64), which live in the
 gateway's KV store so that every replica counts together: an attacker spreading guesses over the
 replicas behind a load balancer gets no more tries than against one.
 
@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailmesh_common.address import client_key
 from mailmesh_common.config import Settings
 from mailmesh_common.kv import Database, Transaction, decode_counter
 from svc_gateway.errors import ApiError, rate_limited
@@ -143,13 +144,13 @@ class Limits:
 
     async def check_login(self, account: str, ip: str) -> None:
         """Raises 429 while the account or the client IP has too many recent failed logins."""
-        wait = max(await self.login_account.blocked(account), await self.login_ip.blocked(ip))
+        wait = max(await self.login_account.blocked(account), await self.login_ip.blocked(client_key(ip)))
         if wait:
             raise ApiError(429, "RATE_LIMITED", "too many failed logins; try again later", retry_after=wait)
 
     async def login_failed(self, account: str, ip: str) -> None:
         await self.login_account.record(account)
-        await self.login_ip.record(ip)
+        await self.login_ip.record(client_key(ip))
 
     async def login_succeeded(self, account: str) -> None:
         await self.login_account.clear(account)

@@ -9,25 +9,11 @@ would not hold it (IPv4-mapped addresses count as the IPv4 address).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-IPV6_PREFIX = 64
-
-
-def client_key(ip: str) -> str:
-    """What the limits count a client address under (module doc)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, IPV6_PREFIX), strict=False))
-    return ip
+from mailmesh_common.address import client_key
 
 
 @dataclass

@@ -129,6 +129,22 @@ async def test_failed_logins_are_rate_limited_per_client_ip(gateway: Gateway) ->
     await gateway.state.limits.login_ip.clear("127.0.0.1")  # the other tests of the module log in from here too
 
 
+async def test_failed_logins_from_one_ipv6_64_add_up(gateway: Gateway) -> None:
+    """A client rotating through the addresses of its IPv6 /64 is still one client."""
+    from svc_gateway.limits import Limits
+
+    db = gateway.state.db
+    assert db is not None
+    lim = Limits(gateway.settings, db)
+    for i in range(gateway.settings.gateway_login_failures_per_ip):
+        await lim.login_failed(f"spray{i}@example.com", f"2001:db8:7:8::{i + 1:x}")
+    with pytest.raises(ApiError) as info:
+        await lim.check_login("someone@example.com", "2001:db8:7:8:ffff::1")
+    assert info.value.status == 429
+    await lim.check_login("someone@example.com", "2001:db8:7:9::1")  # another /64 is another client
+    await lim.login_ip.clear("2001:db8:7:8::/64")
+
+
 async def test_failed_logins_count_across_gateway_replicas(gateway: Gateway) -> None:
     """Two replicas share the KV: guesses spread over them add up, a success on either clears the
     account, and counts leave the window (then `sweep` removes them)."""
