@@ -333,6 +333,9 @@ def _clean(text: str, limit: int = MAX_HELO_CHARS) -> str:
     return _UNSAFE.sub("?", text)[:limit]
 
 
+_DROPPED_FIELDS = frozenset({b"return-path", b"content-length", b"bcc", b"resent-bcc"})
+
+
 def _remove_fields(raw: bytes, drop: Callable[[bytes], bool]) -> bytes:
     end = header_end(raw)
     fields = header_fields(raw[:end])
@@ -526,12 +529,15 @@ class Pipeline:
             parsed if isinstance(parsed, ParsedMessage) else None
 
     def _strip_untrusted(self, raw: bytes) -> bytes:
-        """RFC 8601 5: drop Authentication-Results claiming to be ours; spam headers from outside."""
+        """RFC 8601 5: drop Authentication-Results claiming to be ours; spam headers from outside;
+        and the fields Postfix drops by default (message_drop_headers): Return-Path (ours is the
+        one that counts, RFC 5321 4.4), Content-Length (mbox readers trust it), Bcc and
+        Resent-Bcc (recipients a careless sender's client would disclose)."""
         ours = self.authserv_id.lower().encode()
 
         def forged(f: bytes) -> bool:
             name = field_name(f)
-            if name.startswith(b"x-spam-"):
+            if name.startswith(b"x-spam-") or name in _DROPPED_FIELDS:
                 return True
             if name == b"authentication-results":
                 value = f.partition(b":")[2].strip().lower()

@@ -188,7 +188,9 @@ async def test_delivered_message_has_return_path_received_and_authentication_res
     m = shared_ingest
     m.dns.add("spf-pass.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
     raw = message("headers on top", sender="news@spf-pass.test",
-                  headers=("Authentication-Results: mx.mailmesh.test; spf=pass (forged)", "X-Spam-Flag: NO"))
+                  headers=("Authentication-Results: mx.mailmesh.test; spf=pass (forged)", "X-Spam-Flag: NO",
+                           "Return-Path: <forged@else.test>", "Content-Length: 3", "Bcc: hidden@else.test",
+                           "Resent-Bcc: other@else.test"))
     assert await in_thread(send, m, raw, ["alice@example.com"], "news@spf-pass.test") == {}
     got = await m.wait_subject("alice", "headers on top")
     stored = await m.raw("alice", got.id)
@@ -203,6 +205,8 @@ async def test_delivered_message_has_return_path_received_and_authentication_res
     assert ar[0].startswith(b"Authentication-Results: mx.mailmesh.test")
     assert b"spf=pass" in head
     assert head.count(b"X-Spam-Flag:") <= 1 and b"(forged)" not in head
+    # the sender's Return-Path, Content-Length, Bcc and Resent-Bcc are dropped
+    assert head.count(b"Return-Path:") == 1 and b"else.test" not in head and b"Content-Length" not in head
     assert stored.endswith(raw.split(b"\r\n\r\n", 1)[1])  # the body is untouched
 
 
