@@ -85,6 +85,9 @@ class Settings:
     tls_key_file: str = ""  # PEM private key for tls_cert_file
     max_recipients: int = 100  # RCPT TO per message; more get 452 4.5.3
     max_received_headers: int = 50  # more Received headers is a loop: 554 5.4.6
+    # concurrent SMTP sessions of one svc_ingest process, all clients together (memory and file
+    # descriptors); more get 421 4.3.2 and the sender retries later; 0 = unlimited
+    smtp_max_connections: int = 1000
     per_ip_max_connections: int = 20  # concurrent SMTP connections per client IP; 0 = unlimited
     per_ip_messages_per_minute: int = 120  # MAIL transactions per client IP per minute; 0 = unlimited
     smtp_timeout_s: float = 300.0  # idle time before an SMTP session is closed

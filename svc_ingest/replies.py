@@ -51,6 +51,7 @@ TEMP_FAILURE = Reply(451, "4.3.0", "Temporary server error, try again later")
 # --- connection ----------------------------------------------------------------------------------
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections from your address, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+SERVER_BUSY = Reply(421, "4.3.2", "Too many connections, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing the connection")
 
 

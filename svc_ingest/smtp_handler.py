@@ -219,6 +219,14 @@ class MxSMTP(SMTP):
     async def _handle_client(self) -> None:
         ip = self.peer_ip
         limits = self.listener.limits
+        most = self.listener.settings.smtp_max_connections
+        if most and len(self.listener.sessions) >= most:
+            log.info("refusing a connection from %s: %d sessions open (smtp_max_connections)", ip, most)
+            with contextlib.suppress(Exception):
+                await self.push(replies.SERVER_BUSY.line())
+            if self.transport is not None:
+                self.transport.close()
+            return
         if not limits.connections.acquire(ip):
             log.info("refusing connection: too many from %s", ip)
             with contextlib.suppress(Exception):

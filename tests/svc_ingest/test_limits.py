@@ -112,6 +112,37 @@ async def test_third_concurrent_connection_from_one_ip_gets_421(limited: IngestM
         await in_thread(second.close)
 
 
+async def test_connections_past_the_process_limit_get_421_whoever_they_come_from(
+        tmp_path: Path, nats: Nats, dns_server: DnsServer) -> None:
+    m = await start_ingest_mesh(tmp_path, nats, dns_server, smtp_max_connections=2)
+    try:
+        first, second = await in_thread(m.smtp), await in_thread(m.smtp)
+        try:
+            with pytest.raises(smtplib.SMTPConnectError) as err:
+                await in_thread(m.smtp)
+            assert reply_of(err.value) == (421, b"4.3.2 Too many connections, try again later")
+            await in_thread(first.quit)
+            deadline = time.monotonic() + 5
+            while True:  # a session is free once the server saw the close
+                try:
+                    third = await in_thread(m.smtp)
+                    break
+                except smtplib.SMTPConnectError:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            assert await in_thread(send_one, third) == {}
+            await in_thread(third.quit)
+            await m.wait_subject("alice", "through a free session")
+        finally:
+            await in_thread(second.close)
+    finally:
+        await stop_ingest_mesh(m)
+
+
+def send_one(s: smtplib.SMTP) -> dict[str, tuple[int, bytes]]:
+    return s.sendmail("s@remote.test", ["alice@example.com"], message("through a free session"))
+
+
 async def test_messages_over_the_per_minute_rate_get_451(limited: IngestMesh) -> None:
     def run() -> list[tuple[int, bytes]]:
         with limited.smtp() as s:
