@@ -134,9 +134,18 @@ class MxSMTP(SMTP):
         self._held: list[bytes] = []  # replies push() holds back (see there)
         self._held_bytes = 0
         self.errors = 0  # 4xx/5xx replies since the session began or last accepted a message
+        self._reading_data = False
 
     def _create_envelope(self) -> Envelope:
         return MxEnvelope()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._reading_data:
+            # smtp_timeout_s bounds silence, not the whole DATA (RFC 5321 4.5.3.2: timeouts are
+            # per read): aiosmtpd restarts it only on commands, which cut off a slow sender of a
+            # large message once DATA had lasted that long
+            self._reset_timeout()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT path parser, with a fast path for the plain `<local@domain>`
@@ -351,8 +360,12 @@ class MxSMTP(SMTP):
         await self.push(replies.START_DATA)
         limit = self.listener.settings.max_message_bytes
         spool = Spool(self.listener.spool_dir)
+        self._reading_data = True
         try:
-            refusal = await self._read_data(spool, limit)
+            try:
+                refusal = await self._read_data(spool, limit)
+            finally:
+                self._reading_data = False
             if refusal is not None:
                 if refusal is replies.MESSAGE_TOO_BIG:
                     log.info("message over the size limit refused", extra={"client_ip": self.peer_ip})

@@ -31,6 +31,7 @@ from tests.svc_ingest.conftest import (
     start_ingest_mesh,
     stop_ingest_mesh,
 )
+from tests.svc_ingest.test_ingest_service import inbound_last_seq
 from tests.svc_mailbox.conftest import start_mesh, stop_mesh
 
 MiB = 1024 * 1024
@@ -135,6 +136,46 @@ async def test_connections_past_the_process_limit_get_421_whoever_they_come_from
             await m.wait_subject("alice", "through a free session")
         finally:
             await in_thread(second.close)
+    finally:
+        await stop_ingest_mesh(m)
+
+
+async def test_idle_timeout_bounds_silence_during_data_not_its_length(
+        tmp_path: Path, nats: Nats, dns_server: DnsServer) -> None:
+    """smtp_timeout_s is per read: a slow sender whose DATA lasts longer than it is served; one
+    that goes silent mid-DATA for longer is cut off and nothing of its message is kept."""
+    m = await start_ingest_mesh(tmp_path, nats, dns_server, smtp_timeout_s=1.5)
+
+    def trickle(pause_s: float, pieces: int, stall_s: float) -> tuple[int, bytes] | str:
+        raw = message("trickled in", to="bob@example.com", body="a line of the body\r\n" * 600)
+        with m.smtp() as s:
+            s.ehlo()
+            s.mail("s@remote.test")
+            s.rcpt("bob@example.com")
+            assert s.docmd("DATA")[0] == 354
+            step = len(raw) // pieces + 1
+            try:
+                for i in range(0, len(raw), step):
+                    s.send(raw[i:i + step])
+                    time.sleep(pause_s)
+                time.sleep(stall_s)
+                s.send(b".\r\n")
+                return s.getreply()
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                return type(exc).__name__
+
+    try:
+        before = await inbound_last_seq(m)
+        # 12 pieces 0.3 s apart: 3.6 s of DATA, never 1.5 s of silence
+        got = await in_thread(trickle, 0.3, 12, 0.0)
+        assert isinstance(got, tuple) and got[0] == 250, got
+        await m.wait_subject("bob", "trickled in")
+        # silent for 3 s before the final dot: the server hangs up, nothing handed off
+        after_first = await inbound_last_seq(m)
+        assert after_first == before + 1
+        got = await in_thread(trickle, 0.0, 2, 3.0)
+        assert got in ("SMTPServerDisconnected", "BrokenPipeError", "ConnectionResetError"), got
+        assert await inbound_last_seq(m) == after_first
     finally:
         await stop_ingest_mesh(m)
 
