@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -273,6 +273,7 @@ class MxSMTP(SMTP):
         """The configured DNS blocklist that lists the client, "" when none does."""
         return await _shielded(self.dnsbl)
 
+    @syntax("HELO hostname")  # the HELP text of the method this overrides
     async def smtp_HELO(self, hostname: str) -> None:
         self._plain_replies = True
         try:
@@ -280,6 +281,7 @@ class MxSMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    @syntax("EHLO hostname")  # the HELP text of the method this overrides
     async def smtp_EHLO(self, hostname: str) -> None:
         self._plain_replies = True
         try:
@@ -287,6 +289,7 @@ class MxSMTP(SMTP):
         finally:
             self._plain_replies = False
 
+    @syntax("STARTTLS", when="tls_context")  # the HELP text of the method this overrides
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:  # RFC 3207 4: not twice
             await self.push("503 5.5.1 TLS already active")
@@ -344,6 +347,7 @@ class MxSMTP(SMTP):
         # the connection went away before the final dot: a partial message is never accepted
         raise ConnectionResetError("connection lost during DATA")
 
+    @syntax("DATA")  # the HELP text of the method this overrides
     async def smtp_DATA(self, arg: str) -> None:
         """RFC 5321 4.1.1.4 DATA, streamed: the size limit is enforced while reading, the reply
         for an oversized message is given after its final dot (RFC 5321 4.2.5)."""

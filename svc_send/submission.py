@@ -17,7 +17,7 @@ import logging
 import ssl
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from mailmesh.v1 import mailbox_service_pb2 as mpb
 from mailmesh.v1 import types_pb2
 from opentelemetry import trace
@@ -77,6 +77,7 @@ class SubmissionSMTP(SMTP):
             self._auth_require_tls = False  # TLS from the first byte (aiosmtpd only knows STARTTLS)
         self.failures = 0
         self.session_span: trace.Span = trace.INVALID_SPAN
+        self._reading_data = False
 
     @property
     def peer_ip(self) -> str:
@@ -135,6 +136,23 @@ class SubmissionSMTP(SMTP):
         self.session_span.set_attribute("enduser.id", account.user_id)
         return AuthResult(success=True, auth_data=account)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._reading_data:
+            # smtp_timeout_s bounds silence, not the whole DATA (RFC 5321 4.5.3.2: timeouts are
+            # per read): aiosmtpd restarts it only on commands, which cut off a slow upload of a
+            # large message once DATA had lasted that long
+            self._reset_timeout()
+
+    @syntax("DATA")  # the HELP text of the method this overrides
+    async def smtp_DATA(self, arg: str) -> None:
+        self._reading_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reading_data = False
+
+    @syntax("STARTTLS", when="tls_context")  # the HELP text of the method this overrides
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._tls_protocol is not None:  # RFC 3207 4: not twice
             await self.push("503 5.5.1 TLS already active")

@@ -79,6 +79,13 @@ async def test_every_reply_carries_an_enhanced_status_code(shared_ingest: Ingest
         assert text[:1] == str(code)[:1].encode() and text[1:2] == b".", (code, text)
 
 
+async def test_help_lists_every_command(shared_ingest: IngestMesh) -> None:
+    replies = await in_thread(dialog, shared_ingest, "HELP", "HELP DATA", "HELP EHLO")
+    commands = set(replies[0][1].decode().split(":", 1)[1].split())
+    assert {"DATA", "EHLO", "HELO", "MAIL", "RCPT", "RSET", "NOOP", "QUIT", "STARTTLS", "VRFY"} <= commands
+    assert replies[1] == (250, b"2.0.0 Syntax: DATA") and replies[2] == (250, b"2.0.0 Syntax: EHLO hostname")
+
+
 async def test_quit_says_bye_with_an_enhanced_code(shared_ingest: IngestMesh) -> None:
     def run() -> tuple[int, bytes]:
         s = shared_ingest.smtp()

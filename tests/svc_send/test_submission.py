@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import smtplib
 import ssl
+import time
 from typing import Any
 
 import pytest
@@ -165,3 +166,31 @@ async def test_implicit_tls_submission_authenticates_at_once_and_sends(sm: SendM
     assert code == 235 and refused == {}
     await wait_for(lambda: _got(sm), "the remote delivery")
     assert b"Subject: over port 465" in sm.sink.messages[0].data
+
+
+@pytest.mark.send_settings(smtp_timeout_s=1.5)
+async def test_a_slow_upload_is_served_as_long_as_it_keeps_coming(sm: SendMesh) -> None:
+    """smtp_timeout_s bounds silence: a DATA that lasts longer than it, but never pauses that long,
+    is accepted (a big attachment over a slow uplink)."""
+    port = sm.send.submission.port
+    raw = ("From: Alice <alice@example.com>\r\nTo: bob@example.com\r\nSubject: slow upload\r\n\r\n"
+           + "a line of a large attachment\r\n" * 800).encode()
+
+    def submit() -> tuple[int, bytes]:
+        with _client(port) as s:
+            s.starttls(context=_tls())
+            s.ehlo("desktop.example")
+            s.login("alice@example.com", PASSWORD)
+            s.mail("alice@example.com")
+            s.rcpt("bob@example.com")
+            assert s.docmd("DATA")[0] == 354
+            step = len(raw) // 12 + 1
+            for i in range(0, len(raw), step):  # 12 pieces 0.3 s apart: 3.6 s of DATA
+                s.send(raw[i:i + step])
+                time.sleep(0.3)
+            s.send(b".\r\n")
+            return s.getreply()
+
+    code, _ = await asyncio.to_thread(submit)
+    assert code == 250
+    await wait_for(lambda: _in_inbox(sm, sm.users["bob"], "slow upload"), "bob's copy")
