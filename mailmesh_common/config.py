@@ -123,6 +123,10 @@ class Settings:
     submission_auth_require_tls: bool = True  # AUTH only after STARTTLS...
     submission_auth_loopback_plaintext: bool = True  # ...except from loopback addresses (dev)
     submissions_port: int = 0  # submission over implicit TLS (RFC 8314; production 465); 0 = off
+    # concurrent submission sessions of one svc_send process (421 4.3.2 past it), and of one client
+    # IP (an IPv6 client by its /64; 421 4.7.0 past it); 0 = unlimited
+    submission_max_connections: int = 500
+    submission_per_ip_max_connections: int = 50
     # svc_gateway
     gateway_token_ttl_s: float = 86_400.0  # lifetime of a REST bearer token
     gateway_requests_per_minute: int = 1000  # REST requests per user per minute; 0 = unlimited

@@ -14,40 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailmesh_common.address import client_key
+from mailmesh_common.limits import ConnectionLimiter
+
+__all__ = ["ConnectionLimiter", "Limits", "RateLimiter"]
 
 
 @dataclass
 class _Bucket:
     tokens: float
     updated: float
-
-
-class ConnectionLimiter:
-    """Counts open connections per IP."""
-
-    def __init__(self, max_per_ip: int) -> None:
-        self.max_per_ip = max_per_ip
-        self._open: dict[str, int] = {}
-
-    def acquire(self, ip: str) -> bool:
-        """Takes a slot for ip; False (and nothing taken) when ip is at its limit."""
-        ip = client_key(ip)
-        n = self._open.get(ip, 0)
-        if self.max_per_ip and n >= self.max_per_ip:
-            return False
-        self._open[ip] = n + 1
-        return True
-
-    def release(self, ip: str) -> None:
-        ip = client_key(ip)
-        n = self._open.get(ip, 0) - 1
-        if n > 0:
-            self._open[ip] = n
-        else:
-            self._open.pop(ip, None)
-
-    def open_connections(self, ip: str) -> int:
-        return self._open.get(client_key(ip), 0)
 
 
 class RateLimiter:

@@ -27,6 +27,7 @@ from mailmesh_common import address as address_mod
 from mailmesh_common import telemetry
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import StorageFull
+from mailmesh_common.limits import JUNK_COMMAND_LIMITS
 from svc_ingest import replies
 from svc_ingest.limits import Limits
 from svc_ingest.pipeline import Envelope as PipelineEnvelope
@@ -44,10 +45,6 @@ _FLUSH_BYTES = 256 * 1024
 _PLAIN_PATH = re.compile(r"<([A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 # replies held back for one write (see MxSMTP.push) stay under this
 MAX_HELD_REPLY_BYTES = 16 * 1024
-# Commands that move no mail, per session (aiosmtpd answers 421 4.7.0 and closes past these);
-# RSET is not limited: clients that keep a connection open send one before every message
-JUNK_COMMAND_LIMITS = {"NOOP": 100, "VRFY": 100, "EXPN": 100, "HELP": 100, "HELO": 50, "EHLO": 50,
-                       "*": 2**62}
 
 
 class MxEnvelope(Envelope):

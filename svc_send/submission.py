@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from mailmesh_common import address, telemetry
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, MailmeshError, Unauthenticated, Unavailable
+from mailmesh_common.limits import JUNK_COMMAND_LIMITS, ConnectionLimiter
 from mailmesh_common.mailboxclient import MailboxClient
 from svc_send.outbound import Outbox
 
@@ -44,6 +45,8 @@ TOO_BIG = "552 5.3.4 Message too big for system"
 TEMP_FAILURE = "451 4.3.0 Temporary server error, try again later"
 AUTH_TEMP_FAILURE = "454 4.7.0 Temporary authentication failure"
 AUTH_TOO_MANY = "421 4.7.0 Too many failed authentications; closing"
+SERVER_BUSY = "421 4.3.2 Too many connections, try again later"
+TOO_MANY_FROM_YOU = "421 4.7.0 Too many connections from your address, try again later"
 
 
 def _is_loopback(ip: str) -> bool:
@@ -70,7 +73,7 @@ class SubmissionSMTP(SMTP):
                          timeout=s.smtp_timeout_s, auth_required=True,
                          auth_require_tls=s.submission_auth_require_tls,
                          authenticator=lambda *_args: AuthResult(success=False),
-                         loop=asyncio.get_running_loop())
+                         loop=asyncio.get_running_loop(), command_call_limit=JUNK_COMMAND_LIMITS)
         self.server = server
         self.implicit_tls = implicit_tls
         if implicit_tls:
@@ -91,6 +94,25 @@ class SubmissionSMTP(SMTP):
             self._auth_require_tls = False  # dev: AUTH on loopback without TLS
 
     async def _handle_client(self) -> None:
+        s, ip = self.server.settings, self.peer_ip
+        refusal = ""
+        if s.submission_max_connections and len(self.server.sessions) >= s.submission_max_connections:
+            refusal = SERVER_BUSY
+        elif not self.server.connections.acquire(ip):
+            refusal = TOO_MANY_FROM_YOU
+        if refusal:
+            log.info("submission: refusing a connection from %s: %s", ip, refusal[10:])
+            with contextlib.suppress(Exception):
+                await self.push(refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            await self._serve()
+        finally:
+            self.server.connections.release(ip)
+
+    async def _serve(self) -> None:
         self.server.sessions.add(self)
         span = telemetry.tracer("svc_send.submission").start_span("smtp.session", kind=SpanKind.SERVER, attributes={
             "network.peer.address": self.peer_ip, "network.protocol.name": "submission",
@@ -248,6 +270,7 @@ class SubmissionServer:
         self.tls_context = tls_context
         self.hostname = hostname
         self.sessions: set[SubmissionSMTP] = set()
+        self.connections = ConnectionLimiter(settings.submission_per_ip_max_connections)
         self.server: asyncio.Server | None = None
         self.tls_server: asyncio.Server | None = None
         self.port = 0

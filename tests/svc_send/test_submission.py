@@ -194,3 +194,43 @@ async def test_a_slow_upload_is_served_as_long_as_it_keeps_coming(sm: SendMesh) 
     code, _ = await asyncio.to_thread(submit)
     assert code == 250
     await wait_for(lambda: _in_inbox(sm, sm.users["bob"], "slow upload"), "bob's copy")
+
+
+def _connect_reply(port: int) -> tuple[int, bytes]:
+    """The greeting, or the refusal, a new connection gets."""
+    try:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    except smtplib.SMTPConnectError as exc:
+        return exc.smtp_code, exc.smtp_error
+    s.close()
+    return 220, b""
+
+
+@pytest.mark.send_settings(submission_max_connections=2)
+async def test_connections_past_the_process_limit_get_421(sm: SendMesh) -> None:
+    port = sm.send.submission.port
+    first, second = await asyncio.to_thread(_client, port), await asyncio.to_thread(_client, port)
+    try:
+        assert await asyncio.to_thread(_connect_reply, port) == (421, b"4.3.2 Too many connections, try again later")
+    finally:
+        await asyncio.to_thread(first.close)
+        await asyncio.to_thread(second.close)
+    await wait_for(lambda: _reply_is(port, 220), "a free session")
+
+
+@pytest.mark.send_settings(submission_per_ip_max_connections=1)
+async def test_connections_past_the_per_ip_limit_get_421_and_noop_floods_are_cut_off(sm: SendMesh) -> None:
+    port = sm.send.submission.port
+    first = await asyncio.to_thread(_client, port)
+    try:
+        assert await asyncio.to_thread(_connect_reply, port) == (
+            421, b"4.7.0 Too many connections from your address, try again later")
+        replies = await asyncio.to_thread(lambda: [first.docmd("NOOP") for _ in range(101)])
+        assert replies[:100] == [(250, b"OK")] * 100 and replies[100] == (421, b"4.7.0 NOOP sent too many times")
+    finally:
+        await asyncio.to_thread(first.close)
+    await wait_for(lambda: _reply_is(port, 220), "the address's slot to be free")
+
+
+async def _reply_is(port: int, code: int) -> bool:
+    return (await asyncio.to_thread(_connect_reply, port))[0] == code
