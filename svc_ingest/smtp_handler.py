@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import Envelope, Session, syntax
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -28,6 +28,7 @@ from mailmesh_common import telemetry
 from mailmesh_common.config import Settings
 from mailmesh_common.errors import StorageFull
 from mailmesh_common.limits import JUNK_COMMAND_LIMITS
+from mailmesh_common.smtpserver import MailmeshSMTP
 from svc_ingest import replies
 from svc_ingest.limits import Limits
 from svc_ingest.pipeline import Envelope as PipelineEnvelope
@@ -102,7 +103,7 @@ class Spool:
             self._file = None
 
 
-class MxSMTP(SMTP):
+class MxSMTP(MailmeshSMTP):
     """aiosmtpd's protocol with enhanced status codes, per-IP connection limits, the session
     span, and a streaming DATA."""
 
@@ -125,24 +126,14 @@ class MxSMTP(SMTP):
         self.mx_handler = handler
         self._greeted = False  # the greeting and EHLO/HELO answers carry no enhanced code
         self._plain_replies = False
-        self.session_span: trace.Span = trace.INVALID_SPAN
         self.rdns: asyncio.Future[str] | None = None  # the client's verified name, looked up at connect
         self.dnsbl: asyncio.Future[str] | None = None  # the blocklist that lists the client, asked at connect
         self._held: list[bytes] = []  # replies push() holds back (see there)
         self._held_bytes = 0
         self.errors = 0  # 4xx/5xx replies since the session began or last accepted a message
-        self._reading_data = False
 
     def _create_envelope(self) -> Envelope:
         return MxEnvelope()
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._reading_data:
-            # smtp_timeout_s bounds silence, not the whole DATA (RFC 5321 4.5.3.2: timeouts are
-            # per read): aiosmtpd restarts it only on commands, which cut off a slow sender of a
-            # large message once DATA had lasted that long
-            self._reset_timeout()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's MAIL/RCPT path parser, with a fast path for the plain `<local@domain>`
@@ -285,14 +276,6 @@ class MxSMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._plain_replies = False
-
-    @syntax("STARTTLS", when="tls_context")  # the HELP text of the method this overrides
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if self._tls_protocol is not None:  # RFC 3207 4: not twice
-            await self.push("503 5.5.1 TLS already active")
-            return
-        await super().smtp_STARTTLS(arg)
-        self.session_span.set_attribute("mailmesh.smtp.tls", True)
 
     async def _read_data(self, spool: Spool, limit: int) -> Reply | None:
         """Reads the message up to its final CRLF.CRLF into spool, unstuffed (RFC 5321 4.5.2),

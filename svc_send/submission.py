@@ -17,7 +17,7 @@ import logging
 import ssl
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, syntax
 from mailmesh.v1 import mailbox_service_pb2 as mpb
 from mailmesh.v1 import types_pb2
 from opentelemetry import trace
@@ -28,6 +28,7 @@ from mailmesh_common.config import Settings
 from mailmesh_common.errors import InvalidInput, MailmeshError, Unauthenticated, Unavailable
 from mailmesh_common.limits import JUNK_COMMAND_LIMITS, ConnectionLimiter
 from mailmesh_common.mailboxclient import MailboxClient
+from mailmesh_common.smtpserver import MailmeshSMTP
 from svc_send.outbound import Outbox
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _reply(exc: MailmeshError) -> str:
     return f"{exc.smtp.code} {exc.smtp.enhanced} {text}"
 
 
-class SubmissionSMTP(SMTP):
+class SubmissionSMTP(MailmeshSMTP):
     """aiosmtpd's protocol with AUTH checked against the mailbox service and the session span."""
 
     def __init__(self, handler: SubmissionHandler, server: SubmissionServer, *, implicit_tls: bool = False) -> None:
@@ -79,8 +80,6 @@ class SubmissionSMTP(SMTP):
         if implicit_tls:
             self._auth_require_tls = False  # TLS from the first byte (aiosmtpd only knows STARTTLS)
         self.failures = 0
-        self.session_span: trace.Span = trace.INVALID_SPAN
-        self._reading_data = False
 
     @property
     def peer_ip(self) -> str:
@@ -158,14 +157,6 @@ class SubmissionSMTP(SMTP):
         self.session_span.set_attribute("enduser.id", account.user_id)
         return AuthResult(success=True, auth_data=account)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._reading_data:
-            # smtp_timeout_s bounds silence, not the whole DATA (RFC 5321 4.5.3.2: timeouts are
-            # per read): aiosmtpd restarts it only on commands, which cut off a slow upload of a
-            # large message once DATA had lasted that long
-            self._reset_timeout()
-
     @syntax("DATA")  # the HELP text of the method this overrides
     async def smtp_DATA(self, arg: str) -> None:
         self._reading_data = True
@@ -173,14 +164,6 @@ class SubmissionSMTP(SMTP):
             await super().smtp_DATA(arg)
         finally:
             self._reading_data = False
-
-    @syntax("STARTTLS", when="tls_context")  # the HELP text of the method this overrides
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if self._tls_protocol is not None:  # RFC 3207 4: not twice
-            await self.push("503 5.5.1 TLS already active")
-            return
-        await super().smtp_STARTTLS(arg)
-        self.session_span.set_attribute("mailmesh.smtp.tls", True)
 
 
 class SubmissionHandler:

@@ -92,6 +92,17 @@ async def limited(tmp_path: Path, nats: Nats, dns_server: DnsServer) -> AsyncIte
         await stop_ingest_mesh(m)
 
 
+async def connect_when_free(m: IngestMesh) -> smtplib.SMTP:
+    """A new connection, once the server has seen an earlier one close and freed its slot."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return await in_thread(m.smtp)
+        except smtplib.SMTPConnectError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+
 async def test_third_concurrent_connection_from_one_ip_gets_421(limited: IngestMesh) -> None:
     first, second = await in_thread(limited.smtp), await in_thread(limited.smtp)
     try:
@@ -99,14 +110,7 @@ async def test_third_concurrent_connection_from_one_ip_gets_421(limited: IngestM
             await in_thread(limited.smtp)
         assert reply_of(err.value) == (421, b"4.7.0 Too many connections from your address, try again later")
         await in_thread(first.quit)
-        deadline = time.monotonic() + 5
-        while True:  # the slot is free once the server saw the close
-            try:
-                third = await in_thread(limited.smtp)
-                break
-            except smtplib.SMTPConnectError:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+        third = await connect_when_free(limited)
         assert (await in_thread(third.noop))[0] == 250
         await in_thread(third.quit)
     finally:
@@ -123,14 +127,7 @@ async def test_connections_past_the_process_limit_get_421_whoever_they_come_from
                 await in_thread(m.smtp)
             assert reply_of(err.value) == (421, b"4.3.2 Too many connections, try again later")
             await in_thread(first.quit)
-            deadline = time.monotonic() + 5
-            while True:  # a session is free once the server saw the close
-                try:
-                    third = await in_thread(m.smtp)
-                    break
-                except smtplib.SMTPConnectError:
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+            third = await connect_when_free(m)
             assert await in_thread(send_one, third) == {}
             await in_thread(third.quit)
             await m.wait_subject("alice", "through a free session")
