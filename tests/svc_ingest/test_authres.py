@@ -62,7 +62,7 @@ def test_remote_text_cannot_inject_header_lines() -> None:
 
 
 async def test_real_unsigned_message_reports_dkim_none(dns_server: DnsServer) -> None:
-    resolver = Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6)
+    resolver = Resolver([dns_server.address], timeout_s=1.0, lifetime_s=2.0)
     dns_server.add("example.com", "TXT", "v=spf1 ip4:192.0.2.0/24 -all")
     dns_server.add("_dmarc.example.com", "TXT", "v=DMARC1; p=none")
     raw = b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nhello\r\n"

@@ -63,7 +63,7 @@ def ed() -> Key:
 
 @pytest.fixture
 def resolver(dns_server: DnsServer) -> Iterator[Resolver]:
-    yield Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6)
+    yield Resolver([dns_server.address], timeout_s=1.0, lifetime_s=2.0)
 
 
 def publish(server: DnsServer, selector: str, domain: str, key: Key, extra: str = "") -> None:

@@ -38,7 +38,7 @@ def dkim_result(result: str, domain: str) -> DkimResult:
 
 @pytest.fixture
 def resolver(dns_server: DnsServer) -> Iterator[Resolver]:
-    yield Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6)
+    yield Resolver([dns_server.address], timeout_s=1.0, lifetime_s=2.0)
 
 
 # --- organizational domains and records (no DNS) -------------------------------------------------

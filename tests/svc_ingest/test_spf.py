@@ -20,7 +20,7 @@ dns_server = dnsserver.dns_server  # the fixture, requested by name below
 
 @pytest.fixture
 def resolver(dns_server: DnsServer) -> Iterator[Resolver]:
-    yield Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6)
+    yield Resolver([dns_server.address], timeout_s=1.0, lifetime_s=2.0)
 
 
 @pytest.fixture
@@ -257,7 +257,7 @@ async def test_temporary_failures_are_not_remembered(dns_server: DnsServer, reso
 
 
 async def test_without_a_dns_cache_every_check_asks_the_dns(dns_server: DnsServer) -> None:
-    uncached = Resolver([dns_server.address], timeout_s=0.3, lifetime_s=0.6, cache_entries=0)
+    uncached = Resolver([dns_server.address], timeout_s=1.0, lifetime_s=2.0, cache_entries=0)
     dns_server.add("nocache.example", "TXT", "v=spf1 ip4:192.0.2.1 -all")
     for _ in range(2):
         assert (await check_spf(uncached, "192.0.2.1", "a@nocache.example", "x")).result == "pass"
