@@ -90,7 +90,9 @@ class Settings:
     smtp_max_connections: int = 1000
     per_ip_max_connections: int = 20  # concurrent SMTP connections per client IP; 0 = unlimited
     per_ip_messages_per_minute: int = 120  # MAIL transactions per client IP per minute; 0 = unlimited
-    smtp_timeout_s: float = 300.0  # idle time before an SMTP session is closed
+    # idle time before an SMTP session is closed; during DATA it restarts with every read while the
+    # DATA averages at least 500 bytes/s beyond it (smtpserver.MIN_DATA_RATE)
+    smtp_timeout_s: float = 300.0
     # 4xx/5xx replies one SMTP session may get without a message accepted; past it: 421 4.7.0
     # and the connection is closed (address probing, broken clients); 0 = unlimited
     smtp_max_errors: int = 20

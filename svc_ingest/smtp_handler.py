@@ -216,20 +216,9 @@ class MxSMTP(MailmeshSMTP):
     async def _handle_client(self) -> None:
         ip = self.peer_ip
         limits = self.listener.limits
-        most = self.listener.settings.smtp_max_connections
-        if most and len(self.listener.sessions) >= most:
-            log.info("refusing a connection from %s: %d sessions open (smtp_max_connections)", ip, most)
-            with contextlib.suppress(Exception):
-                await self.push(replies.SERVER_BUSY.line())
-            if self.transport is not None:
-                self.transport.close()
-            return
-        if not limits.connections.acquire(ip):
-            log.info("refusing connection: too many from %s", ip)
-            with contextlib.suppress(Exception):
-                await self.push(replies.TOO_MANY_CONNECTIONS.line())
-            if self.transport is not None:
-                self.transport.close()
+        if not await self.admitted(len(self.listener.sessions), self.listener.settings.smtp_max_connections,
+                                   limits.connections, ip, busy=replies.SERVER_BUSY.line(),
+                                   too_many_from_ip=replies.TOO_MANY_CONNECTIONS.line()):
             return
         self.listener.sessions.add(self)
         self.listener.connections_total += 1
@@ -344,12 +333,9 @@ class MxSMTP(MailmeshSMTP):
         await self.push(replies.START_DATA)
         limit = self.listener.settings.max_message_bytes
         spool = Spool(self.listener.spool_dir)
-        self._reading_data = True
         try:
-            try:
+            with self.reading_data():
                 refusal = await self._read_data(spool, limit)
-            finally:
-                self._reading_data = False
             if refusal is not None:
                 if refusal is replies.MESSAGE_TOO_BIG:
                     log.info("message over the size limit refused", extra={"client_ip": self.peer_ip})

@@ -93,18 +93,9 @@ class SubmissionSMTP(MailmeshSMTP):
             self._auth_require_tls = False  # dev: AUTH on loopback without TLS
 
     async def _handle_client(self) -> None:
-        s, ip = self.server.settings, self.peer_ip
-        refusal = ""
-        if s.submission_max_connections and len(self.server.sessions) >= s.submission_max_connections:
-            refusal = SERVER_BUSY
-        elif not self.server.connections.acquire(ip):
-            refusal = TOO_MANY_FROM_YOU
-        if refusal:
-            log.info("submission: refusing a connection from %s: %s", ip, refusal[10:])
-            with contextlib.suppress(Exception):
-                await self.push(refusal)
-            if self.transport is not None:
-                self.transport.close()
+        ip = self.peer_ip
+        if not await self.admitted(len(self.server.sessions), self.server.settings.submission_max_connections,
+                                   self.server.connections, ip, busy=SERVER_BUSY, too_many_from_ip=TOO_MANY_FROM_YOU):
             return
         try:
             await self._serve()
@@ -159,11 +150,8 @@ class SubmissionSMTP(MailmeshSMTP):
 
     @syntax("DATA")  # the HELP text of the method this overrides
     async def smtp_DATA(self, arg: str) -> None:
-        self._reading_data = True
-        try:
+        with self.reading_data():
             await super().smtp_DATA(arg)
-        finally:
-            self._reading_data = False
 
 
 class SubmissionHandler:

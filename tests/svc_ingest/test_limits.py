@@ -140,10 +140,11 @@ async def test_connections_past_the_process_limit_get_421_whoever_they_come_from
 async def test_idle_timeout_bounds_silence_during_data_not_its_length(
         tmp_path: Path, nats: Nats, dns_server: DnsServer) -> None:
     """smtp_timeout_s is per read: a slow sender whose DATA lasts longer than it is served; one
-    that goes silent mid-DATA for longer is cut off and nothing of its message is kept."""
+    that goes silent mid-DATA for longer, or trickles bytes below the minimum rate, is cut off and
+    nothing of its message is kept."""
     m = await start_ingest_mesh(tmp_path, nats, dns_server, smtp_timeout_s=1.5)
 
-    def trickle(pause_s: float, pieces: int, stall_s: float) -> tuple[int, bytes] | str:
+    def trickle(pause_s: float, pieces: int, stall_s: float, max_s: float = 30.0) -> tuple[int, bytes] | str:
         raw = message("trickled in", to="bob@example.com", body="a line of the body\r\n" * 600)
         with m.smtp() as s:
             s.ehlo()
@@ -151,10 +152,13 @@ async def test_idle_timeout_bounds_silence_during_data_not_its_length(
             s.rcpt("bob@example.com")
             assert s.docmd("DATA")[0] == 354
             step = len(raw) // pieces + 1
+            give_up = time.monotonic() + max_s
             try:
                 for i in range(0, len(raw), step):
                     s.send(raw[i:i + step])
                     time.sleep(pause_s)
+                    if time.monotonic() > give_up:
+                        return "still open"
                 time.sleep(stall_s)
                 s.send(b".\r\n")
                 return s.getreply()
@@ -171,6 +175,10 @@ async def test_idle_timeout_bounds_silence_during_data_not_its_length(
         after_first = await inbound_last_seq(m)
         assert after_first == before + 1
         got = await in_thread(trickle, 0.0, 2, 3.0)
+        assert got in ("SMTPServerDisconnected", "BrokenPipeError", "ConnectionResetError"), got
+        assert await inbound_last_seq(m) == after_first
+        # a few bytes every 0.5 s: never 1.5 s of silence, but far below MIN_DATA_RATE (500 B/s)
+        got = await in_thread(trickle, 0.5, 2000, 0.0, 10.0)
         assert got in ("SMTPServerDisconnected", "BrokenPipeError", "ConnectionResetError"), got
         assert await inbound_last_seq(m) == after_first
     finally:
