@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from mailmesh_common.address import client_key
 from mailmesh_common.limits import ConnectionLimiter
 
-__all__ = ["ConnectionLimiter", "Limits", "RateLimiter"]
-
 
 @dataclass
 class _Bucket:

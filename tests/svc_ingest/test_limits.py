@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from mailmesh_common.config import Settings, settings_env
-from svc_ingest.limits import ConnectionLimiter, RateLimiter
+from mailmesh_common.limits import ConnectionLimiter
+from svc_ingest.limits import RateLimiter
 from tests.dnsserver import DnsServer
 from tests.svc_ingest.conftest import (
     IngestMesh,
